@@ -1,0 +1,156 @@
+"""Backend choice shared by every op.
+
+Each op owns a :class:`Dispatcher`. A backend registers a *reasons* function that
+returns why it cannot run a problem (an empty list means it can). ``"auto"`` walks
+the op's preference order for the tensors' device and takes the first backend with
+no reasons, remembering the choice per problem key; a backend named explicitly
+that cannot run raises :class:`BackendUnavailableError` listing the reasons, it
+never silently falls back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple
+
+import torch
+
+from . import _env
+
+ReasonsFn = Callable[..., List[str]]
+
+# Preference order of "auto" per device type (fastest first). Triton on a CPU
+# tensor means the interpreter, which is for tests only, so auto never picks it.
+DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendUnavailableError(NotImplementedError):
+    """A backend named explicitly cannot run these inputs; the message says why."""
+
+
+class Dispatcher:
+    def __init__(self, op: str, order: Dict[str, Tuple[str, ...]] | None = None):
+        self.op = op
+        self.order = dict(DEFAULT_ORDER if order is None else order)
+        self._reasons: Dict[str, ReasonsFn] = {}
+        self._auto_cache: Dict[Hashable, str] = {}
+
+    def register(self, name: str, reasons: ReasonsFn) -> None:
+        if name not in _env.BACKENDS or name == "auto":
+            raise ValueError(f"unknown backend name {name!r}")
+        self._reasons[name] = reasons
+        self._auto_cache.clear()
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        return tuple(self._reasons)
+
+    def reasons(self, name: str, device: torch.device, dtype: torch.dtype, **facts) -> List[str]:
+        """Why backend ``name`` cannot run this problem (empty list: it can)."""
+        fn = self._reasons.get(name)
+        if fn is None:
+            return [f"backend {name!r} is not implemented for {self.op}"]
+        return fn(device, dtype, **facts)
+
+    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype, **facts) -> str:
+        """Resolve ``requested`` (None, "auto" or a name) to a backend that can run.
+
+        Under torch.compile the choice is made once at trace time and baked into the
+        graph as a constant (facts must be plain ints / strs / bools).
+        """
+        return _select_constant(self, requested, device, dtype, tuple(sorted(facts.items())))
+
+    def _select(self, requested, device, dtype, facts_items) -> str:
+        facts = dict(facts_items)
+        if requested is None:
+            requested = _env.default_backend()
+        if not isinstance(requested, str):
+            raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
+        requested = requested.lower()
+        if requested not in _env.BACKENDS:
+            raise ValueError(
+                f"backend: expected one of {', '.join(_env.BACKENDS)} or None, got {requested!r}"
+            )
+        if requested != "auto":
+            why = self.reasons(requested, device, dtype, **facts)
+            if why:
+                raise BackendUnavailableError(
+                    f"{self.op}: backend {requested!r} cannot run this input: " + "; ".join(why)
+                    + " (use backend='auto' to pick one that can)"
+                )
+            return requested
+        key = (device.type, dtype, tuple(sorted(facts.items())))
+        hit = self._auto_cache.get(key)
+        if hit is not None:
+            return hit
+        tried: List[str] = []
+        for name in self._order_for(device):
+            why = self.reasons(name, device, dtype, **facts)
+            if not why:
+                self._auto_cache[key] = name
+                return name
+            tried.append(f"{name}: {'; '.join(why)}")
+        raise BackendUnavailableError(f"{self.op}: no backend can run this input ({' | '.join(tried)})")
+
+    def _order_for(self, device: torch.device) -> Sequence[str]:
+        return self.order.get(device.type, ("reference",))
+
+    def explain(self, device: torch.device, dtype: torch.dtype, **facts) -> Dict[str, List[str]]:
+        """Every registered backend's reasons for this problem (empty list: can run)."""
+        return {name: self.reasons(name, device, dtype, **facts) for name in self._reasons}
+
+
+@torch.compiler.assume_constant_result
+def _select_constant(dispatcher: "Dispatcher", requested, device, dtype, facts_items) -> str:
+    return dispatcher._select(requested, device, dtype, facts_items)
+
+
+def cpu_reasons_for(ext_module: str) -> ReasonsFn:
+    """Reasons function of a C++ CPU backend whose kernels live in ``ext_module``."""
+
+    def cpu_reasons(device: torch.device, dtype: torch.dtype, **_) -> List[str]:
+        from ._ext import ext_error
+
+        why = []
+        if device.type != "cpu":
+            why.append(f"the cpu backend needs CPU tensors, got device {device.type!r}")
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            why.append(f"dtype {dtype} is not supported (float64, float32, float16, bfloat16)")
+        err = ext_error(ext_module)
+        if err is not None:
+            why.append(f"the C++ extension {ext_module} is not built ({err})")
+        return why
+
+    return cpu_reasons
+
+
+def triton_reasons(device: torch.device, dtype: torch.dtype, **_) -> List[str]:
+    """Reasons shared by the Triton backends."""
+    from ._ext import triton_error
+
+    why = []
+    err = triton_error()
+    if err is not None:
+        why.append(err)
+    if device.type == "cuda":
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            why.append(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+    elif device.type == "cpu" and _env.triton_interpret():
+        if dtype not in (torch.float32, torch.float16):
+            why.append(
+                f"dtype {dtype} is not supported by Triton's interpreter (float32, float16; "
+                "bfloat16 runs on GPU only)"
+            )
+    else:
+        why.append(
+            f"Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type!r}"
+        )
+    return why
+
+
+def reference_reasons(device: torch.device, dtype: torch.dtype, **_) -> List[str]:
+    if not dtype.is_floating_point:
+        return [f"dtype {dtype} is not a floating-point type"]
+    return []

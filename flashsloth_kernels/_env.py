@@ -1,0 +1,47 @@
+"""Every environment variable the package reads, read here and nowhere else.
+
+The table in README.md ("Environment variables") documents each one. Values are
+read at call time (not cached at import) so tests and users can change them.
+Build-time flags (FLASHSLOTH_SKIP_CUDA_BUILD, FLASHSLOTH_FORCE_CUDA,
+FLASHSLOTH_SKIP_CPP_BUILD) are read by setup.py, and again here for the JIT build.
+"""
+
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_backend() -> str:
+    """FLASHSLOTH_BACKEND: the backend used when a call passes backend=None."""
+    value = os.environ.get("FLASHSLOTH_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"FLASHSLOTH_BACKEND={value!r} is not a backend; expected one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton's own switch; Triton kernels then run on CPU tensors."""
+    return _flag("TRITON_INTERPRET")
+
+
+def skip_cuda_build() -> bool:
+    """FLASHSLOTH_SKIP_CUDA_BUILD=1: never build the CUDA extension (setup.py and JIT)."""
+    return _flag("FLASHSLOTH_SKIP_CUDA_BUILD")
+
+
+def force_cuda_build() -> bool:
+    """FLASHSLOTH_FORCE_CUDA=1: build the CUDA extension even with no GPU visible."""
+    return _flag("FLASHSLOTH_FORCE_CUDA")
+
+
+def jit_build_allowed() -> bool:
+    """FLASHSLOTH_NO_JIT=1: never compile the CUDA extension on first use."""
+    return not _flag("FLASHSLOTH_NO_JIT") and not skip_cuda_build()
