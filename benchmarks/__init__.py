@@ -1,0 +1,1 @@
+"""flashsloth-kernels benchmark suite (python -m benchmarks / flashsloth-bench)."""

@@ -1,0 +1,1 @@
+"""The slim FlashSloth reference model built on flashsloth_kernels' fused ops."""
