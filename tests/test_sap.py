@@ -1,0 +1,378 @@
+"""Spatial attention pooling: every backend against the reference, the reference against a
+plain loop, registration (opcheck, torch.compile, FLOP counting), numerics and bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import backend_devices
+from torch.utils.flop_counter import FlopCounterMode
+
+import flashsloth_kernels as fk
+from flashsloth_kernels import BackendUnavailableError, SpatialAttentionPool, spatial_attention_pool
+from flashsloth_kernels.sap import op as sap_op
+from flashsloth_kernels.sap.reference import sap_reference
+from flashsloth_kernels.testing import assert_close
+
+SAP = torch.ops.flashsloth.spatial_attention_pool
+
+
+def make_inputs(B, H, W, C, Ch, dtype=torch.float32, device="cpu", bias=True, score_scale=3.0):
+    """Random SAP inputs whose scores spread over a few units, so the softmax is not flat."""
+    x = torch.randn(B, H * W, C)
+    w1 = torch.randn(Ch, C) * C ** -0.5
+    b1 = torch.randn(Ch) * 0.1 if bias else None
+    w2 = torch.randn(1, Ch) * score_scale * Ch ** -0.5
+    b2 = torch.randn(1) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return [cast(t) for t in (x, w1, b1, w2, b2)]
+
+
+def loop_sap(x, w1, b1, w2, b2, kh, kw, H, W, mask=None, scale=1.0):
+    """The original code's formulation: a Python loop over windows, slicing the grid."""
+    B, N, C = x.shape
+    grid = x.reshape(B, H, W, C)
+    z = grid @ w1.t() + (0 if b1 is None else b1)
+    a = torch.relu(z)
+    if mask is not None:
+        a = a * mask.reshape(B, H, W, -1) * scale
+    s = (a @ w2.reshape(-1, 1)).squeeze(-1) + (0 if b2 is None else b2.reshape(()))
+    tokens = []
+    for i in range(0, H, kh):
+        for j in range(0, W, kw):
+            win_x = grid[:, i:i + kh, j:j + kw].reshape(B, -1, C)
+            alpha = torch.softmax(s[:, i:i + kh, j:j + kw].reshape(B, -1), dim=-1)
+            tokens.append((alpha.unsqueeze(-1) * win_x).sum(1))
+    return torch.stack(tokens, dim=1)
+
+
+# (B, H, W, C, Ch, window): grids 1x1, 2x5, 7x7, 27x27 and non-square, windows 1, 2, 3, 4,
+# (2, 3), partial edge windows, C in {8, 72, 1152}, B in {0, 1, 3}.
+CASES = [
+    (1, 1, 1, 8, 8, 1),
+    (3, 2, 5, 8, 16, (2, 3)),
+    (3, 7, 7, 72, 72, 3),
+    (1, 7, 7, 8, 12, 4),
+    (3, 7, 5, 72, 40, 2),
+    (1, 5, 7, 72, 72, (2, 3)),
+    (0, 7, 7, 8, 8, 3),
+    (3, 27, 27, 8, 8, 3),
+    (2, 2, 5, 1152, 1152, 2),
+    (1, 27, 27, 1152, 1152, 3),
+]
+SMALL = [c for c in CASES if c[3] <= 72 and c[1] * c[2] <= 49]
+
+
+def case_id(c):
+    B, H, W, C, Ch, k = c
+    k = f"{k[0]}x{k[1]}" if isinstance(k, tuple) else k
+    return f"B{B}-H{H}-W{W}-C{C}-Ch{Ch}-k{k}"
+
+
+def _window(k):
+    return k if isinstance(k, tuple) else (k, k)
+
+
+def _run(backend, inputs, window, grid, grad, **kw):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = spatial_attention_pool(*leaves, window=window, grid_size=grid, backend=backend, **kw)
+    present = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad(out, present, grad)
+
+
+def check_against_reference(backend, device, case, dtype, bias=True):
+    B, H, W, C, Ch, k = case
+    inputs = make_inputs(B, H, W, C, Ch, dtype, device, bias=bias)
+    G = math.ceil(H / _window(k)[0]) * math.ceil(W / _window(k)[1])
+    grad = torch.randn(B, G, C, device=device, dtype=dtype)
+    out, grads = _run(backend, inputs, k, (H, W), grad)
+    ref_inputs = [None if t is None else t.double() for t in inputs]
+    ref_out, ref_grads = _run("reference", ref_inputs, k, (H, W), grad.double())
+    assert out.dtype == dtype and out.shape == (B, G, C)
+    assert_close("out", out, ref_out, dtype)
+    names = [n for n, t in zip(("dx", "dw1", "db1", "dw2", "db2"), inputs) if t is not None]
+    for name, g, r, t in zip(names, grads, ref_grads, [t for t in inputs if t is not None]):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_close(name, g, r, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backend_matches_reference_fp32(backend, device, case):
+    if backend == "triton" and device == "cpu" and case not in SMALL:
+        pytest.skip("the Triton interpreter is too slow for this size; covered on GPU")
+    check_against_reference(backend, device, case, torch.float32)
+
+
+LOW_PRECISION_CASES = [(3, 7, 7, 72, 72, 3), (3, 7, 5, 72, 40, 2), (1, 2, 5, 1152, 1152, 2)]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=case_id)
+def test_backend_matches_reference_low_precision(backend, device, dtype, case):
+    if backend == "triton" and device == "cpu":
+        if dtype == torch.bfloat16:
+            pytest.skip("Triton's interpreter computes bf16 wrongly; bf16 is tested on GPU")
+        if case not in SMALL:
+            pytest.skip("the Triton interpreter is too slow for this size; covered on GPU")
+    check_against_reference(backend, device, case, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_no_bias(backend, device):
+    check_against_reference(backend, device, (2, 5, 7, 8, 16, (2, 3)), torch.float32, bias=False)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("need", ["x-only", "weights-only", "both"])
+def test_dropout_mask_and_partial_grads(backend, device, need):
+    """With a fixed dropout mask the op matches the reference; the backward uses that mask,
+    and gradients are computed for exactly the inputs that need them."""
+    B, H, W, C, Ch, (kh, kw) = 2, 5, 7, 8, 12, (2, 3)
+    x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch, device=device)
+    w2 = w2.reshape(Ch)
+    mask = torch.rand(B, H * W, Ch, device=device) >= 0.3
+    scale = 1 / 0.7
+    req = {"x-only": (True, False), "weights-only": (False, True), "both": (True, True)}[need]
+    tensors = [x.clone().requires_grad_(req[0])] + [t.clone().requires_grad_(req[1]) for t in (w1, b1, w2, b2)]
+    out = SAP(*tensors, kh, kw, H, W, mask, scale, backend)
+    G = math.ceil(H / kh) * math.ceil(W / kw)
+    grad = torch.randn(B, G, C, device=device)
+    wanted = [t for t in tensors if t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, grad)
+    ref_t = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    ref = sap_reference(*ref_t, kh, kw, H, W, mask, scale)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_t if t.requires_grad], grad.double())
+    assert_close("out", out, ref, torch.float32)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(f"grad[{i}]", g, r, torch.float32)
+
+
+def test_public_dropout_uses_one_mask_for_forward_and_backward():
+    B, H, W, C, Ch, p = 2, 6, 6, 8, 8, 0.4
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in make_inputs(B, H, W, C, Ch)]
+    torch.manual_seed(123)
+    out = spatial_attention_pool(x, w1, b1, w2, b2, dropout_p=p)
+    grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2, b2))
+    torch.manual_seed(123)
+    mask = torch.empty(B, H * W, Ch, dtype=torch.bool).bernoulli_(1 - p)
+    ref = sap_reference(x, w1, b1, w2.reshape(Ch), b2, 3, 3, H, W, mask, 1 / (1 - p))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, w1, b1, w2, b2))
+    assert_close("out", out, ref, torch.float32)
+    for name, g, r in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, ref_grads):
+        assert_close(name, g, r, torch.float32)
+    # and dropout really drops: without it the output differs
+    assert not torch.allclose(out, spatial_attention_pool(x, w1, b1, w2, b2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout"])
+def test_gradcheck_float64(backend, with_mask):
+    B, H, W, C, Ch, kh, kw = 2, 4, 5, 3, 5, 2, 3
+    x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch, torch.float64)
+    w2 = w2.reshape(Ch)
+    mask = (torch.rand(B, H * W, Ch) >= 0.25) if with_mask else None
+    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    fn = lambda *a: SAP(*a, kh, kw, H, W, mask, 1 / 0.75 if with_mask else 1.0, backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [(2, 7, 7, 5, 6, 3), (1, 5, 7, 4, 4, (2, 3)), (3, 1, 1, 2, 3, 1)],
+                         ids=case_id)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-dropout", "dropout"])
+def test_reference_equals_window_loop(case, with_mask):
+    B, H, W, C, Ch, k = case
+    kh, kw = _window(k)
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in make_inputs(B, H, W, C, Ch, torch.float64)]
+    mask = (torch.rand(B, H * W, Ch) >= 0.3) if with_mask else None
+    scale = 1 / 0.7 if with_mask else 1.0
+    ref = sap_reference(x, w1, b1, w2.reshape(Ch), b2, kh, kw, H, W, mask, scale)
+    loop = loop_sap(x, w1, b1, w2, b2, kh, kw, H, W, mask, scale)
+    assert_close("out", ref, loop, torch.float64)
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"),
+                          torch.autograd.grad(ref, (x, w1, b1, w2, b2), g),
+                          torch.autograd.grad(loop, (x, w1, b1, w2, b2), g)):
+        assert_close(name, a, b, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_extreme_scores_stay_finite(backend, device):
+    """Scores of +-1e4: the window softmax subtracts its max, so no inf or NaN."""
+    B, H, W, C, Ch = 2, 6, 6, 8, 8
+    x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch, device=device)
+    w2 = torch.sign(torch.randn(1, Ch, device=device)) * 1e4
+    x = x.requires_grad_()
+    out = spatial_attention_pool(x, w1, b1, w2, b2, backend=backend)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all()
+    ref = sap_reference(x.double(), w1.double(), b1.double(), w2.double().reshape(Ch), b2.double(),
+                        3, 3, H, W)
+    assert_close("out", out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_layouts_and_non_contiguous(backend, device):
+    """(B, H, W, C) input equals (B, N, C); transposed / strided views give the same result."""
+    B, H, W, C, Ch = 2, 5, 7, 8, 12
+    x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch, device=device)
+    base = spatial_attention_pool(x, w1, b1, w2, b2, 2, (H, W), backend=backend)
+    grid = spatial_attention_pool(x.reshape(B, H, W, C), w1, b1, w2, b2, 2, backend=backend)
+    torch.testing.assert_close(grid, base)
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)          # strided batch
+    w1_nc = w1.t().contiguous().t()                                  # column-major weight
+    w2_nc = torch.stack([w2.reshape(Ch), w2.reshape(Ch)], 1)[:, :1].t()  # (1, Ch) with stride 2
+    b1_nc = torch.stack([b1, b1], 1)[:, 0]
+    assert not (x_nc.is_contiguous() or w1_nc.is_contiguous() or b1_nc.is_contiguous())
+    out = spatial_attention_pool(x_nc, w1_nc, b1_nc, w2_nc, b2.reshape(()), 2, (H, W), backend=backend)
+    torch.testing.assert_close(out, base)
+
+
+def test_empty_batch_returns_empty_and_zero_grads():
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in make_inputs(0, 7, 7, 8, 8)]
+    out = spatial_attention_pool(x, w1, b1, w2, b2)
+    assert out.shape == (0, 9, 8)
+    grads = torch.autograd.grad(out.sum(), (x, w1, b1, w2, b2))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (x, w1, b1, w2, b2)))
+
+
+def test_opcheck():
+    x, w1, b1, w2, b2 = make_inputs(2, 5, 5, 8, 6)
+    for backend in ("reference", "cpu"):
+        args = (x.requires_grad_(), w1.requires_grad_(), b1, w2.reshape(6), b2, 2, 2, 5, 5, None, 1.0, backend)
+        torch.library.opcheck(SAP.default, args)
+        mask = torch.rand(2, 25, 6) > 0.5
+        torch.library.opcheck(SAP.default, args[:9] + (mask, 2.0, backend))
+
+
+def test_torch_compile_fullgraph():
+    pool = SpatialAttentionPool(16, window=(2, 3), dropout=0.0)
+    x = torch.randn(2, 7, 5, 16, requires_grad=True)
+    eager = pool(x)
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    (g_c,) = torch.autograd.grad(out.sum(), x)
+    (g_e,) = torch.autograd.grad(eager.sum(), x)
+    torch.testing.assert_close(g_c, g_e)
+
+
+def test_flop_counter_counts_forward_and_backward():
+    B, H, W, C, Ch = 2, 9, 9, 16, 24
+    N = H * W
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in make_inputs(B, H, W, C, Ch)]
+    with FlopCounterMode(display=False) as counter:
+        out = spatial_attention_pool(x, w1, b1, w2, b2)
+    assert counter.get_total_flops() == 2 * B * N * C * Ch + 2 * B * N * Ch + 2 * B * N * C
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    # recompute (GEMM + scores + dalpha), dW1 + dw2, dx (GEMM + direct term)
+    expected = (2 * B * N * C * Ch + 2 * B * N * Ch + 2 * B * N * C) + (2 * B * N * C * Ch + 2 * B * N * Ch) \
+        + (2 * B * N * C * Ch + 2 * B * N * C)
+    assert counts[torch.ops.flashsloth.spatial_attention_pool_backward] == expected
+
+
+def test_module_loads_original_state_dict():
+    """Keys of the original checkpoint (model.pooling.mlp.*) load with the prefix stripped."""
+    C = 24
+    original = {
+        "model.pooling.mlp.0.weight": torch.randn(C, C),
+        "model.pooling.mlp.0.bias": torch.randn(C),
+        "model.pooling.mlp.3.weight": torch.randn(1, C),
+        "model.pooling.mlp.3.bias": torch.randn(1),
+    }
+    pool = SpatialAttentionPool(C).eval()
+    state = {k.removeprefix("model.pooling."): v for k, v in original.items()}
+    assert set(pool.state_dict()) == set(state)
+    pool.load_state_dict(state)
+    x = torch.randn(2, 36, C)
+    ref = sap_reference(x, state["mlp.0.weight"], state["mlp.0.bias"], state["mlp.3.weight"].reshape(C),
+                        state["mlp.3.bias"], 3, 3, 6, 6)
+    torch.testing.assert_close(pool(x), ref)
+    assert sum(p.numel() for p in SpatialAttentionPool(1152).parameters()) == 1_329_409
+
+
+def test_module_dropout_only_in_training():
+    pool = SpatialAttentionPool(8, dropout=0.5)
+    x = torch.randn(2, 36, 8)
+    pool.eval()
+    torch.testing.assert_close(pool(x), pool(x))
+    pool.train()
+    torch.manual_seed(1)
+    a = pool(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, pool(x))
+
+
+def test_auto_prefers_cpu_backend_on_cpu():
+    if sap_op.dispatcher.reasons("cpu", torch.device("cpu"), torch.float32):
+        pytest.fail("the C++ extension is not built: " +
+                    "; ".join(sap_op.dispatcher.reasons("cpu", torch.device("cpu"), torch.float32)))
+    assert sap_op.dispatcher.select("auto", torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_backend_env_var_and_explicit_backend_errors(monkeypatch):
+    x, w1, b1, w2, b2 = make_inputs(1, 3, 3, 4, 4)
+    monkeypatch.setenv("FLASHSLOTH_BACKEND", "reference")
+    assert sap_op.dispatcher.select(None, x.device, x.dtype) == "reference"
+    monkeypatch.setenv("FLASHSLOTH_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FLASHSLOTH_BACKEND"):
+        spatial_attention_pool(x, w1, b1, w2, b2)
+    monkeypatch.delenv("FLASHSLOTH_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        spatial_attention_pool(*[t.double() for t in (x, w1, b1, w2, b2)], backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="Triton needs CUDA tensors"):
+        spatial_attention_pool(x, w1, b1, w2, b2, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        spatial_attention_pool(x, w1, b1, w2, b2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        spatial_attention_pool(x, w1, b1, w2, b2, backend="gpu")
+
+
+GOOD = dict(B=2, H=6, W=6, C=8, Ch=12)
+
+
+def _good():
+    return make_inputs(**GOOD)
+
+
+BAD_INPUTS = {
+    "x-rank": (lambda x, w1, b1, w2, b2: dict(x=x[0]), ValueError, "x: expected a 3-D or 4-D"),
+    "x-not-tensor": (lambda x, w1, b1, w2, b2: dict(x=x.tolist()), TypeError, "x: expected a torch.Tensor"),
+    "x-int-dtype": (lambda x, w1, b1, w2, b2: dict(x=x.long()), TypeError, "x: expected a floating-point"),
+    "C-mismatch": (lambda x, w1, b1, w2, b2: dict(w1=w1[:, :5]), ValueError, r"w1: expected shape \(Ch, C\)"),
+    "w1-rank": (lambda x, w1, b1, w2, b2: dict(w1=w1[0]), ValueError, "w1: expected a 2-D"),
+    "b1-shape": (lambda x, w1, b1, w2, b2: dict(b1=b1[:5]), ValueError, r"b1: expected shape \(12\)"),
+    "w2-shape": (lambda x, w1, b1, w2, b2: dict(w2=w2[:, :5]), ValueError, r"w2: expected shape \(1, 12\)"),
+    "b2-shape": (lambda x, w1, b1, w2, b2: dict(b2=torch.zeros(2)), ValueError, r"b2: expected shape \(1,\)"),
+    "dtype-mismatch": (lambda x, w1, b1, w2, b2: dict(w1=w1.double()), TypeError, "w1: expected dtype torch.float32"),
+    "device-mismatch": (lambda x, w1, b1, w2, b2: dict(b2=b2.to("meta")), ValueError, "b2: expected a tensor on x's device"),
+    "not-square": (lambda x, w1, b1, w2, b2: dict(x=x[:, :35]), ValueError, "N = 35 .* not a perfect square"),
+    "grid-mismatch": (lambda x, w1, b1, w2, b2: dict(grid_size=(4, 8)), ValueError, r"H \* W = 4 \* 8 = 32 must equal N = 36"),
+    "grid-vs-4d": (lambda x, w1, b1, w2, b2: dict(x=x.reshape(2, 6, 6, 8), grid_size=(4, 9)), ValueError, r"grid_size: got \(4, 9\)"),
+    "window-zero": (lambda x, w1, b1, w2, b2: dict(window=0), ValueError, "window: expected an int >= 1"),
+    "window-too-big": (lambda x, w1, b1, w2, b2: dict(window=(2, 7)), ValueError, r"window: \(2, 7\) is larger than the \(6, 6\) grid"),
+    "window-type": (lambda x, w1, b1, w2, b2: dict(window=2.5), TypeError, "window: expected an int"),
+    "window-triple": (lambda x, w1, b1, w2, b2: dict(window=(1, 2, 3)), ValueError, "window: expected an int or a pair"),
+    "dropout-one": (lambda x, w1, b1, w2, b2: dict(dropout_p=1.0), ValueError, r"dropout_p: expected a float in \[0, 1\)"),
+    "dropout-negative": (lambda x, w1, b1, w2, b2: dict(dropout_p=-0.1), ValueError, "dropout_p"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_clear_error(name):
+    make_kwargs, exc, pattern = BAD_INPUTS[name]
+    x, w1, b1, w2, b2 = _good()
+    kwargs = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    kwargs.update(make_kwargs(x, w1, b1, w2, b2))
+    with pytest.raises(exc, match=pattern):
+        spatial_attention_pool(**kwargs)
+
+
+def test_package_exports():
+    assert fk.spatial_attention_pool is spatial_attention_pool
+    assert fk.SpatialAttentionPool is SpatialAttentionPool
