@@ -30,8 +30,13 @@ class BackendUnavailableError(NotImplementedError):
     """A backend named explicitly cannot run these inputs; the message says why."""
 
 
+# op name -> its Dispatcher, for available_backends()
+DISPATCHERS: Dict[str, "Dispatcher"] = {}
+
+
 class Dispatcher:
     def __init__(self, op: str, order: Dict[str, Tuple[str, ...]] | None = None):
+        DISPATCHERS[op] = self
         self.op = op
         self.order = dict(DEFAULT_ORDER if order is None else order)
         self._reasons: Dict[str, ReasonsFn] = {}
@@ -100,6 +105,14 @@ class Dispatcher:
     def explain(self, device: torch.device, dtype: torch.dtype, **facts) -> Dict[str, List[str]]:
         """Every registered backend's reasons for this problem (empty list: can run)."""
         return {name: self.reasons(name, device, dtype, **facts) for name in self._reasons}
+
+
+def available_backends(device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Dict[str, Dict[str, List[str]]]:
+    """For every op, each backend's reasons it cannot run on ``device`` / ``dtype`` here
+    (an empty list means it can), e.g. to see why "auto" did not pick the C++ kernels."""
+    device = torch.device(device)
+    return {op: d.explain(device, dtype) for op, d in DISPATCHERS.items()}
 
 
 @torch.compiler.assume_constant_result
