@@ -1,0 +1,369 @@
+"""Configuration of the slim FlashSloth model, its presets and the original config.json fields.
+
+``FlashSlothConfig`` holds three parts: ``vision`` (the SigLIP tower), ``text`` (the Phi-2
+language model) and the FlashSloth glue (compression mode, SAP window, query tokens, EmbQ).
+
+Presets (``FlashSlothConfig.preset(name, **overrides)``):
+
+  "tiny"                 random-init toy sizes: a forward on CPU well under a second (tests,
+                         the CPU benchmark default)
+  "flashsloth-3.2b"      the original sizes (SigLIP so400m + Phi-2), 90 visual tokens
+  "flashsloth-hd-3.2b"   the same with HD tiling, 414 visual tokens
+
+Build the 3.2B presets on the meta device to count parameters or FLOPs without allocating
+memory: ``FlashSloth(FlashSlothConfig.preset("flashsloth-3.2b"), device="meta")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none")
+
+# Token ids of the original release (flashsloth/constants.py there): the image placeholder is
+# not a vocabulary entry (it is replaced by visual tokens before embedding), "<learnable>" is
+# an added Phi-2 token, and the embedding of id 764 is added to the query tokens at every
+# forward ("dot_tokens" in the original).
+IMAGE_TOKEN_ID = -200
+QUERY_TOKEN_ID = 50295
+QUERY_OFFSET_TOKEN_ID = 764
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision tower. ``num_hidden_layers`` is the depth of the full tower; the model
+    builds only the layers up to ``select_layer`` (-2: the second-to-last layer's output)."""
+
+    image_size: int = 384
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    select_layer: int = -2
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def num_built_layers(self) -> int:
+        """Encoder layers actually built: the output of the last one is the feature."""
+        sel = self.select_layer
+        return self.num_hidden_layers + 1 + sel if sel < 0 else sel
+
+
+@dataclass
+class TextConfig:
+    """Phi-2 language model."""
+
+    vocab_size: int = 51200
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    partial_rotary_factor: float = 0.4
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    resid_pdrop: float = 0.1
+    eos_token_id: Optional[int] = 50256
+    pad_token_id: Optional[int] = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.partial_rotary_factor * self.head_dim)
+
+
+@dataclass
+class FlashSlothConfig:
+    """Everything the model needs; see the module docstring for the presets.
+
+    Glue fields:
+      compression: "flashsloth" (SAP + query tokens + EmbQ), "sap" (SAP, no queries),
+        "avgpool" (window x window average pooling, no queries), "none" (every patch, no queries).
+      hd: 5 views per image (a squashed global view + 2 x 2 tiles of the padded image).
+      sap_window: pooling window (3: 27 x 27 patches -> 81 tokens per view).
+      num_queries: learnable query tokens inserted at each slot (9).
+      embq_layer: the decoder layer (counting from 1, as the paper) whose input EmbQ updates (8).
+      embq_down_dim, embq_num_heads, embq_num_layers: EmbQ sizes (576, 32, 1).
+      image_token_id / query_token_id: ids marking the image and the query slot in input_ids.
+      query_offset_token_id: token whose embedding is added to the query tokens (764; None: off).
+      question_skip_after_image: tokens skipped after the image when locating the question
+        (1: the newline after "<image>", as the original).
+      question_skip_after_answer: tokens skipped after a labelled answer before the next
+        question in multi-turn training data (2: the "USER:" role tokens, as the original).
+      hd_grid: tiles per side in HD mode (2).
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    compression: str = "flashsloth"
+    hd: bool = False
+    hd_grid: int = 2
+    sap_window: int = 3
+    num_queries: int = 9
+    embq_layer: int = 8
+    embq_down_dim: int = 576
+    embq_num_heads: int = 32
+    embq_num_layers: int = 1
+    image_token_id: int = IMAGE_TOKEN_ID
+    query_token_id: int = QUERY_TOKEN_ID
+    query_offset_token_id: Optional[int] = QUERY_OFFSET_TOKEN_ID
+    question_skip_after_image: int = 1
+    question_skip_after_answer: int = 2
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def use_queries(self) -> bool:
+        """Query tokens and EmbQ exist only in the "flashsloth" mode; the baselines have none."""
+        return self.compression == "flashsloth"
+
+    @property
+    def num_views(self) -> int:
+        return 1 + self.hd_grid ** 2 if self.hd else 1
+
+    @property
+    def tokens_per_view(self) -> int:
+        g = self.vision.grid_size
+        if self.compression == "none":
+            return g * g
+        per_side = -(-g // self.sap_window)
+        return per_side * per_side
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens that replace one image placeholder (all views)."""
+        return self.num_views * self.tokens_per_view
+
+    def num_visual_tokens(self) -> int:
+        """Visual tokens reaching the LLM per image: image tokens plus one set of query tokens.
+
+        90 for "flashsloth-3.2b", 414 for "flashsloth-hd-3.2b", 81 with compression="sap" or
+        "avgpool", 729 with "none".
+        """
+        return self.num_image_tokens + (self.num_queries if self.use_queries else 0)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression: expected one of {', '.join(COMPRESSIONS)}, "
+                             f"got {self.compression!r}")
+        v, t = self.vision, self.text
+        if v.hidden_size % v.num_attention_heads:
+            raise ValueError(f"vision.hidden_size ({v.hidden_size}) must be divisible by "
+                             f"vision.num_attention_heads ({v.num_attention_heads})")
+        if v.grid_size < 1:
+            raise ValueError(f"vision.image_size ({v.image_size}) is smaller than one patch "
+                             f"({v.patch_size})")
+        if not 1 <= v.num_built_layers <= v.num_hidden_layers:
+            raise ValueError(f"vision.select_layer ({v.select_layer}) selects no layer of a "
+                             f"{v.num_hidden_layers}-layer tower")
+        if t.hidden_size % t.num_attention_heads:
+            raise ValueError(f"text.hidden_size ({t.hidden_size}) must be divisible by "
+                             f"text.num_attention_heads ({t.num_attention_heads})")
+        if t.rotary_dim % 2:
+            raise ValueError(f"text: rotary dims int(partial_rotary_factor * head_dim) = "
+                             f"{t.rotary_dim} must be even")
+        if self.sap_window < 1 or self.sap_window > v.grid_size:
+            raise ValueError(f"sap_window: expected 1..{v.grid_size} (the patch grid), "
+                             f"got {self.sap_window}")
+        if self.use_queries:
+            if self.num_queries < 1:
+                raise ValueError(f"num_queries: expected >= 1, got {self.num_queries}")
+            if not 1 <= self.embq_layer <= t.num_hidden_layers:
+                raise ValueError(f"embq_layer: expected 1..{t.num_hidden_layers} (decoder "
+                                 f"layers, counted from 1), got {self.embq_layer}")
+            if self.embq_down_dim % self.embq_num_heads or v.hidden_size % self.embq_num_heads:
+                raise ValueError(
+                    f"embq_num_heads ({self.embq_num_heads}) must divide embq_down_dim "
+                    f"({self.embq_down_dim}) and vision.hidden_size ({v.hidden_size})")
+        if (self.query_offset_token_id is not None
+                and not 0 <= self.query_offset_token_id < t.vocab_size):
+            raise ValueError(f"query_offset_token_id: {self.query_offset_token_id} is outside "
+                             f"the vocabulary (size {t.vocab_size})")
+        if 0 <= self.image_token_id < t.vocab_size and self.image_token_id == self.query_token_id:
+            raise ValueError("image_token_id and query_token_id must differ")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "FlashSlothConfig":
+        """A named preset, with top-level fields (or ``vision`` / ``text`` dicts) overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+        base = PRESETS[name]()
+        data = base.to_dict()
+        for key, value in overrides.items():
+            if key in ("vision", "text") and isinstance(value, dict):
+                data[key].update(value)
+            elif key in data:
+                data[key] = value
+            else:
+                raise ValueError(f"preset {name!r}: unknown field {key!r}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "FlashSlothConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["image_mean"] = list(self.image_mean)
+        data["image_std"] = list(self.image_std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "FlashSlothConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"FlashSlothConfig: unknown fields {unknown}")
+        vision = data.pop("vision", {})
+        text = data.pop("text", {})
+        if isinstance(vision, dict):
+            vision = _only_fields(VisionConfig, vision, "vision")
+        if isinstance(text, dict):
+            text = _only_fields(TextConfig, text, "text")
+        return cls(vision=vision, text=text, **data)
+
+    def to_original_dict(self) -> Dict[str, Any]:
+        """config.json fields in the original release's layout (a PhiConfig plus the LLaVA-style
+        multimodal fields), with this package's full config under "flashsloth_kernels"."""
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["FlashSlothForCausalLM"],
+            "model_type": "flashsloth",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_attention_heads,
+            "hidden_act": "gelu_new",
+            "partial_rotary_factor": t.partial_rotary_factor,
+            "rope_theta": t.rope_theta,
+            "layer_norm_eps": t.layer_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+            "bos_token_id": t.eos_token_id,
+            "eos_token_id": t.eos_token_id,
+            "pad_token_id": t.pad_token_id,
+            "qk_layernorm": False,
+            "tie_word_embeddings": False,
+            "mm_vision_tower": "google/siglip-so400m-patch14-384",
+            "mm_hidden_size": v.hidden_size,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": v.select_layer,
+            "mm_vision_select_feature": "patch",
+            "image_hd": self.hd,
+            "image_token_index": self.image_token_id,
+            "flashsloth_kernels": self.to_dict(),
+        }
+
+    @classmethod
+    def from_original_dict(cls, data: Dict[str, Any]) -> "FlashSlothConfig":
+        """Read a config.json: this package's block when present, else the original fields
+        (Phi-2 fields for the LLM; the vision tower is SigLIP so400m unless said otherwise)."""
+        if "flashsloth_kernels" in data:
+            return cls.from_dict(data["flashsloth_kernels"])
+        text = TextConfig()
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings", "eos_token_id",
+                     "pad_token_id"):
+            if isinstance(data.get(name), int):
+                setattr(text, name, int(data[name]))
+        for name in ("partial_rotary_factor", "rope_theta", "layer_norm_eps", "resid_pdrop"):
+            if data.get(name) is not None:
+                setattr(text, name, float(data[name]))
+        if "rope_parameters" in data and isinstance(data["rope_parameters"], dict):
+            rp = data["rope_parameters"]
+            text.rope_theta = float(rp.get("rope_theta", text.rope_theta))
+            text.partial_rotary_factor = float(rp.get("partial_rotary_factor",
+                                                      text.partial_rotary_factor))
+        kv = data.get("num_key_value_heads")
+        if kv is not None and kv != text.num_attention_heads:
+            raise ValueError(f"config.json: num_key_value_heads = {kv} (grouped-query attention) "
+                             "is not supported; Phi-2 uses multi-head attention")
+        if data.get("qk_layernorm"):
+            raise ValueError("config.json: qk_layernorm = true is not supported (Phi-2 has none)")
+        act = data.get("hidden_act", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported (Phi-2: gelu_new)")
+        proj = data.get("mm_projector_type", "mlp2x_gelu")
+        if proj != "mlp2x_gelu":
+            raise ValueError(f"config.json: mm_projector_type {proj!r} is not supported "
+                             "(FlashSloth: mlp2x_gelu)")
+        vision = VisionConfig()
+        if data.get("mm_hidden_size") is not None:
+            vision.hidden_size = int(data["mm_hidden_size"])
+        if data.get("mm_vision_select_layer") is not None:
+            vision.select_layer = int(data["mm_vision_select_layer"])
+        return cls(vision=vision, text=text, hd=bool(data.get("image_hd", False)))
+
+
+def _only_fields(klass, values: Dict[str, Any], what: str):
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"FlashSlothConfig.{what}: unknown fields {unknown}")
+    return klass(**values)
+
+
+def _tiny() -> FlashSlothConfig:
+    # 84 px / patch 14 = a 6 x 6 grid: 4 SAP tokens per view; every width divisible by the
+    # head counts; vocab 1024 keeps id 764 (the query offset token) inside the vocabulary.
+    return FlashSlothConfig(
+        vision=VisionConfig(image_size=84, patch_size=14, hidden_size=48, intermediate_size=96,
+                            num_hidden_layers=3, num_attention_heads=4, select_layer=-2),
+        text=TextConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=4, num_attention_heads=4, partial_rotary_factor=0.4,
+                        max_position_embeddings=512, eos_token_id=2, pad_token_id=0),
+        num_queries=9, embq_layer=2, embq_down_dim=32, embq_num_heads=4,
+        query_token_id=1000,
+    )
+
+
+def _base() -> FlashSlothConfig:
+    return FlashSlothConfig()
+
+
+def _hd() -> FlashSlothConfig:
+    return FlashSlothConfig(hd=True)
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "flashsloth-3.2b": _base,
+    "flashsloth-hd-3.2b": _hd,
+}
+
+
+def num_visual_tokens(config: "FlashSlothConfig | str") -> int:
+    """Visual tokens reaching the LLM per image for a config or a preset name."""
+    if isinstance(config, str):
+        config = FlashSlothConfig.preset(config)
+    return config.num_visual_tokens()
