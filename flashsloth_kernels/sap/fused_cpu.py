@@ -1,0 +1,89 @@
+"""Host functions of the fused C++ CPU backend of spatial attention pooling.
+
+The kernels live in csrc/sap/sap_cpu.cpp and register as ``torch.ops.flashsloth_C.sap_fwd_cpu``
+and ``sap_bwd_cpu`` when ``flashsloth_kernels.sap._C`` is imported. Design: the scorer's first
+Linear runs as one MKL/oneDNN GEMM (x W1^T, b1 added in the epilogue), the rest (bias, ReLU,
+dropout mask, dot with w2, window softmax, weighted sum) is one fused parallel pass over the
+windows; the backward recomputes that GEMM instead of saving the (B, N, Ch) activations, fuses the
+softmax and activation backward into two passes and hands dW1 / dx to two more GEMMs.
+
+Numerics: elementwise work in float32 (float64 for float64 inputs); the result does not depend
+on the number of threads. GEMM dtype: float32 / float64 inputs use their own dtype. bfloat16
+(and float16) GEMMs run in that dtype when oneDNN reports a fast 16-bit GEMM on this CPU (it
+accumulates in float32, its outputs are rounded to 16 bits); otherwise the operands are upcast
+and the GEMMs run in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower than sgemm.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _ext
+
+Tensor = torch.Tensor
+
+_ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
+
+
+@functools.lru_cache(maxsize=None)
+def _lowp_gemm(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU."""
+    probe = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    if probe is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+            kh: int, kw: int, H: int, W: int, dropout_mask: Optional[Tensor],
+            dropout_scale: float) -> Tensor:
+    """Fused forward. x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,),
+    b2: (1,) or None, dropout_mask: (B, N, Ch) bool or None -> (B, G, C) in x's dtype."""
+    return _ops.sap_fwd_cpu(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+                            None if dropout_mask is None else dropout_mask.contiguous(),
+                            float(dropout_scale), _lowp_gemm(x.dtype))
+
+
+def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+            b2: Optional[Tensor], kh: int, kw: int, H: int, W: int,
+            dropout_mask: Optional[Tensor], dropout_scale: float, need_x: bool = True,
+            need_w: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused backward, recomputing the hidden activations. grad_out: (B, G, C).
+
+    Returns (dx (B, N, C), dw1 (Ch, C), db1 (Ch,), dw2 (Ch,), db2 (1,)), each in its input's
+    dtype; dx is an empty tensor unless need_x, the other four unless need_w.
+    """
+    return _ops.sap_bwd_cpu(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+                            None if dropout_mask is None else dropout_mask.contiguous(),
+                            float(dropout_scale), bool(need_x), bool(need_w),
+                            _lowp_gemm(x.dtype))
+
+
+def _num_windows(H: int, W: int, kh: int, kw: int) -> int:
+    return -(-H // kh) * -(-W // kw)
+
+
+# Fake kernels, so the C++ ops can be traced (FakeTensor / torch.compile / opcheck) on their own.
+@torch.library.register_fake("flashsloth_C::sap_fwd_cpu")
+def _(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, lowp_gemm):
+    return x.new_empty(x.shape[0], _num_windows(H, W, kh, kw), x.shape[2])
+
+
+@torch.library.register_fake("flashsloth_C::sap_bwd_cpu")
+def _(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, need_x, need_w,
+      lowp_gemm):
+    empty = x.new_empty(0)
+    dx = torch.empty_like(x) if need_x else empty
+    if not need_w:
+        return dx, empty, empty, empty, empty
+    return dx, torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2), \
+        w2.new_empty(1)
