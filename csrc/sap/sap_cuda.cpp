@@ -1,0 +1,180 @@
+// Torch binding of the SAP CUDA forward: torch.ops.flashsloth_cuda.sap_fwd.
+//
+// The scorer GEMM z = x @ w1^T runs in cuBLAS (at::mm, the floor the benchmark compares with);
+// one fused kernel then does everything else (bias, ReLU, dropout mask, the dot with w2, the
+// window softmax and the weighted sum of x), so the small ops cost one launch and no
+// intermediate tensor besides z. z is written in x's dtype and, for large batches, computed a
+// chunk of images at a time into one reused buffer (bounded memory; the chunk size is a
+// tuning knob for keeping z in L2 between the GEMM and the epilogue).
+//
+// Compiled only by the real CUDA build (setup.py's CUDAExtension or the JIT build in
+// flashsloth_kernels/_cuda_ext.py); CI syntax-checks it (scripts/check_cuda_compile.sh).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sap_cuda.cuh"
+
+namespace flashsloth_cuda {
+namespace {
+
+// z of all images at once up to this size; larger batches are cut into chunks of images.
+constexpr int64_t kMaxScoreBufferBytes = int64_t{256} << 20;
+constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+
+SapDtype sap_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return SapDtype::kFloat32;
+    case at::kHalf:
+      return SapDtype::kFloat16;
+    case at::kBFloat16:
+      return SapDtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "sap_fwd (cuda): x: expected dtype float32, float16 or bfloat16, got ",
+                  x.scalar_type());
+  }
+}
+
+void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "sap_fwd (cuda): ", name, ": expected a tensor on ",
+              x.device(), " (x's device), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sap_fwd (cuda): ", name,
+              ": expected dtype ", x.scalar_type(), " (x's dtype), got ", t.scalar_type());
+}
+
+at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
+                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2, int64_t kh, int64_t kw, int64_t H,
+                        int64_t W, const std::optional<at::Tensor>& dropout_mask,
+                        double dropout_scale, int64_t images_per_chunk) {
+  TORCH_CHECK(x.is_cuda(), "sap_fwd (cuda): x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 3, "sap_fwd (cuda): x: expected shape (B, N, C), got ", x.sizes());
+  const SapDtype dtype = sap_dtype(x);
+  TORCH_CHECK(H >= 1 && W >= 1 && H <= INT32_MAX && W <= INT32_MAX,
+              "sap_fwd (cuda): H, W: expected ints >= 1, got H = ", H, ", W = ", W);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  TORCH_CHECK(N == H * W, "sap_fwd (cuda): x: expected shape (B, H * W, C) = (*, ", H * W,
+              ", *), got ", x.sizes());
+  TORCH_CHECK(C >= 1 && C <= INT32_MAX, "sap_fwd (cuda): x: channels C must be in [1, 2^31), got ",
+              C);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= H && kw <= W, "sap_fwd (cuda): kh, kw: expected a window",
+              " inside the (", H, ", ", W, ") grid, got (", kh, ", ", kw, ")");
+
+  check_like_x("w1", w1, x);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, "sap_fwd (cuda): w1: expected shape (Ch, ", C,
+              "), got ", w1.sizes());
+  const int64_t Ch = w1.size(0);
+  TORCH_CHECK(Ch >= 1 && Ch <= INT32_MAX, "sap_fwd (cuda): w1: Ch must be in [1, 2^31), got ", Ch);
+  check_like_x("w2", w2, x);
+  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == Ch, "sap_fwd (cuda): w2: expected shape (", Ch,
+              ",), got ", w2.sizes());
+  if (b1.has_value()) {
+    check_like_x("b1", *b1, x);
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == Ch, "sap_fwd (cuda): b1: expected shape (", Ch,
+                ",), got ", b1->sizes());
+  }
+  if (b2.has_value()) {
+    check_like_x("b2", *b2, x);
+    TORCH_CHECK(b2->numel() == 1, "sap_fwd (cuda): b2: expected one element, got shape ",
+                b2->sizes());
+  }
+  if (dropout_mask.has_value()) {
+    TORCH_CHECK(dropout_mask->device() == x.device(), "sap_fwd (cuda): dropout_mask: expected a ",
+                "tensor on ", x.device(), " (x's device), got ", dropout_mask->device());
+    TORCH_CHECK(dropout_mask->scalar_type() == at::kBool,
+                "sap_fwd (cuda): dropout_mask: expected dtype bool, got ",
+                dropout_mask->scalar_type());
+    TORCH_CHECK(dropout_mask->dim() == 3 && dropout_mask->size(0) == B &&
+                    dropout_mask->size(1) == N && dropout_mask->size(2) == Ch,
+                "sap_fwd (cuda): dropout_mask: expected shape (", B, ", ", N, ", ", Ch, "), got ",
+                dropout_mask->sizes());
+    TORCH_CHECK(std::isfinite(dropout_scale) && dropout_scale > 0.0,
+                "sap_fwd (cuda): dropout_scale: expected a finite float > 0, got ", dropout_scale);
+  }
+  TORCH_CHECK(images_per_chunk >= 0, "sap_fwd (cuda): images_per_chunk: expected >= 0 (0 = auto),",
+              " got ", images_per_chunk);
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t Gh = (H + kh - 1) / kh, Gw = (W + kw - 1) / kw;
+  at::Tensor out = at::empty({B, Gh * Gw, C}, x.options());
+  if (B == 0) return out;
+
+  const int64_t smem = kh * kw * static_cast<int64_t>(sizeof(float));
+  if (smem > kDefaultSmemBytes) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          x.device().index()));
+    TORCH_CHECK(smem + 256 <= optin, "sap_fwd (cuda): kh, kw: a window of ", kh, " x ", kw,
+                " patches needs ", smem, " bytes of shared memory for its scores; this device ",
+                "allows ", optin, " (use the triton or reference backend)");
+  }
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor w2c = w2.contiguous();
+  const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
+  const at::Tensor b2c = b2.has_value() ? b2->reshape({1}).contiguous() : at::Tensor();
+  const at::Tensor maskc =
+      dropout_mask.has_value() ? dropout_mask->contiguous() : at::Tensor();
+  const at::Tensor w1t = w1.t();  // a view: cuBLAS takes the transpose without a copy
+
+  int64_t chunk = images_per_chunk;
+  if (chunk == 0) {
+    const int64_t z_image_bytes = N * Ch * static_cast<int64_t>(x.element_size());
+    chunk = std::max<int64_t>(1, kMaxScoreBufferBytes / std::max<int64_t>(1, z_image_bytes));
+  }
+  chunk = std::min(chunk, B);
+  TORCH_CHECK(chunk * Gh * Gw <= INT32_MAX, "sap_fwd (cuda): images_per_chunk: ", chunk,
+              " images of ", Gh * Gw, " windows exceed the grid limit; pass a smaller chunk");
+  at::Tensor z = at::empty({chunk * N, Ch}, x.options());
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t x_image = N * C, out_image = Gh * Gw * C, mask_image = N * Ch;
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, B - b0);
+    at::Tensor zc = z.narrow(0, 0, nb * N);
+    at::mm_out(zc, xc.narrow(0, b0, nb).view({nb * N, C}), w1t);
+
+    SapEpilogueArgs args;
+    args.z = zc.data_ptr();
+    args.x = static_cast<const char*>(xc.data_ptr()) + b0 * x_image * xc.element_size();
+    args.b1 = b1c.defined() ? b1c.data_ptr() : nullptr;
+    args.w2 = w2c.data_ptr();
+    args.b2 = b2c.defined() ? b2c.data_ptr() : nullptr;
+    args.dropout_mask = maskc.defined()
+                            ? reinterpret_cast<const uint8_t*>(maskc.data_ptr<bool>()) + b0 * mask_image
+                            : nullptr;
+    args.dropout_scale = static_cast<float>(dropout_scale);
+    args.out = static_cast<char*>(out.data_ptr()) + b0 * out_image * out.element_size();
+    args.B = nb;
+    args.H = static_cast<int>(H);
+    args.W = static_cast<int>(W);
+    args.C = static_cast<int>(C);
+    args.Ch = static_cast<int>(Ch);
+    args.kh = static_cast<int>(kh);
+    args.kw = static_cast<int>(kw);
+    C10_CUDA_CHECK(sap_fwd_epilogue_launch(dtype, args, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace flashsloth_cuda
+
+TORCH_LIBRARY_FRAGMENT(flashsloth_cuda, m) {
+  m.def(
+      "sap_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int kh, int kw, int H, "
+      "int W, Tensor? dropout_mask, float dropout_scale, int images_per_chunk) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flashsloth_cuda, CUDA, m) {
+  m.impl("sap_fwd", &flashsloth_cuda::sap_fwd_cuda);
+}
