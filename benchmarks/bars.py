@@ -1,0 +1,106 @@
+"""The op issues' speed bars, judged from the rows of this run.
+
+Each bar applies to one device type and dtype (CPU fp32, GPU bf16); a bar whose rows are
+missing (not run, a provider not available) is reported as "n/a" with the reason, never as
+passed. Ratios are medians measured in the same interleaved rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+from .common import Row
+
+Verdict = Dict[str, object]
+
+
+def _find(rows: Iterable[Row], section: str, mode: str, provider: str, **params) -> Optional[Row]:
+    for r in rows:
+        if (r.get("section") == section and r.get("mode") == mode and r.get("provider") == provider
+                and all(r.get(k) == v for k, v in params.items())):
+            return r
+    return None
+
+
+def _ms(row: Optional[Row]) -> Optional[float]:
+    if row is None or row.get("status") != "ok":
+        return None
+    return row.get("median_ms")  # type: ignore[return-value]
+
+
+def _why_missing(row: Optional[Row], provider: str) -> str:
+    if row is None:
+        return f"{provider}: not measured in this run"
+    return f"{provider}: {row.get('status')} ({row.get('note') or ''})".strip()
+
+
+def _ratio_bar(rows, name, section, mode, num, den, limit, kind, params) -> Verdict:
+    """num / den must be <= limit ("le") or >= limit ("ge")."""
+    rn, rd = _find(rows, section, mode, num, **params), _find(rows, section, mode, den, **params)
+    tn, td = _ms(rn), _ms(rd)
+    v: Verdict = {"bar": name, "target": f"{'<=' if kind == 'le' else '>='} {limit:g}"}
+    if tn is None or td is None:
+        v.update(status="n/a", measured=None,
+                 note="; ".join(_why_missing(r, p) for r, p, t in ((rn, num, tn), (rd, den, td))
+                                if t is None))
+        return v
+    ratio = tn / td
+    ok = ratio <= limit if kind == "le" else ratio >= limit
+    v.update(status="pass" if ok else "FAIL", measured=round(ratio, 3), note="")
+    return v
+
+
+def _bandwidth_bar(rows, name, section, params, frac) -> Verdict:
+    r = _find(rows, section, "fwd", "fused", **params)
+    v: Verdict = {"bar": name, "target": f">= {100 * frac:.0f}% of copy GB/s"}
+    pct = r.get("pct_copy_ceiling") if r is not None and r.get("status") == "ok" else None
+    if pct is None:
+        v.update(status="n/a", measured=None, note=_why_missing(r, "fused"))
+        return v
+    v.update(status="pass" if pct >= 100 * frac else "FAIL", measured=f"{pct:.0f}%", note="")
+    return v
+
+
+def evaluate(rows: List[Row], device_type: str, dtype: str) -> List[Verdict]:
+    """Every bar that applies to this device type and dtype, judged from ``rows``."""
+    out: List[Verdict] = []
+    sap, att = "ops/sap", "ops/attention"
+    if device_type == "cpu" and dtype == "float32":
+        for B in (1, 4, 16):
+            p = {"B": B}
+            out.append(_ratio_bar(rows, f"SAP fwd B={B}: fused <= 1.10x bare GEMM", sap, "fwd",
+                                  "fused", "gemm", 1.10, "le", p))
+            for other in ("loop", "reference"):
+                out.append(_ratio_bar(rows, f"SAP fwd B={B}: fused no slower than {other}", sap,
+                                      "fwd", "fused", other, 1.0, "le", p))
+        out.append(_ratio_bar(rows, "SAP fwd+bwd B=4: fused <= 4.5x bare (forward) GEMM", sap,
+                              "fwd+bwd", "fused", "gemm", 4.5, "le", {"B": 4}))
+        p1 = {"B": 1, "Lk": 729}
+        p16 = {"B": 16, "Lk": 729}
+        out.append(_ratio_bar(rows, "attention fwd B=1 Lk=729: >= 2x faster than eager", att,
+                              "fwd", "eager", "fused", 2.0, "ge", p1))
+        out.append(_ratio_bar(rows, "attention fwd B=16 Lk=729: no slower than eager", att,
+                              "fwd", "eager", "fused", 1.0, "ge", p16))
+        for r in rows:
+            if r.get("section") == att and r.get("mode") == "fwd" and r.get("provider") == "sdpa":
+                p = {"B": r.get("B"), "Lk": r.get("Lk")}
+                out.append(_ratio_bar(rows, f"attention fwd B={p['B']} Lk={p['Lk']}: no slower "
+                                      "than SDPA", att, "fwd", "sdpa", "fused", 1.0, "ge", p))
+    elif device_type == "cuda" and dtype == "bfloat16":
+        p = {"B": 64}
+        out.append(_ratio_bar(rows, "SAP fwd B=64: fused <= 1.25x bare cuBLAS GEMM", sap, "fwd",
+                              "fused", "gemm", 1.25, "le", p))
+        out.append(_ratio_bar(rows, "SAP fwd B=64: >= 10x faster than the loop", sap, "fwd",
+                              "loop", "fused", 10.0, "ge", p))
+        out.append(_ratio_bar(rows, "SAP fwd B=64: >= 1.3x faster than the reference", sap,
+                              "fwd", "reference", "fused", 1.3, "ge", p))
+        for B, Lk in ((64, 729), (8, 3645)):
+            p = {"B": B, "Lk": Lk}
+            out.append(_bandwidth_bar(rows, f"attention fwd B={B} Lk={Lk}: moves >= 70% of copy "
+                                      "bandwidth", att, p, 0.70))
+            out.append(_ratio_bar(rows, f"attention fwd B={B} Lk={Lk}: >= 3x faster than eager",
+                                  att, "fwd", "eager", "fused", 3.0, "ge", p))
+            for other in ("sdpa", "sdpa-padded", "flex"):
+                out.append(_ratio_bar(rows, f"attention fwd B={B} Lk={Lk}: faster than {other}",
+                                      att, "fwd", other, "fused", 1.0, "ge", p))
+    return out

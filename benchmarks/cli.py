@@ -1,0 +1,221 @@
+"""``flashsloth-bench`` / ``python -m benchmarks``: run the suite, print it, write it down.
+
+    python -m benchmarks                      # everything, this machine's defaults
+    python -m benchmarks --quick              # a fast smoke run (CI)
+    python -m benchmarks --only ops           # ops, model, train (comma-separated)
+    python -m benchmarks --device cuda --dtype bfloat16 --out results/
+    python -m benchmarks --compare OLD.json   # run, then print the change against OLD.json
+    python -m benchmarks --compare OLD.json NEW.json   # compare two files, run nothing
+
+Outputs go to benchmarks/results/<device>/ unless --out says otherwise: results.json,
+results.csv, report.md, speedup.png, latency.png, model.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import bars as bars_mod
+from . import context as context_mod
+from . import report
+from .common import Case, Row, RunConfig, dtype_from_name, error_row
+from .timing import Budget
+
+SECTIONS = ("ops", "model", "train")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="flashsloth-bench",
+        description="Measure what FlashSloth's compression buys: the fused ops against their "
+                    "floors and baselines, the model's tokens / FLOPs / memory / latency per "
+                    "compression mode, and training-step memory.")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--preset", default=None,
+                   help="comma-separated model presets to time (default: tiny,tiny-27 on CPU; "
+                        "flashsloth-3.2b,flashsloth-hd-3.2b on GPU). Token, parameter and "
+                        "FLOP counts always cover every preset.")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast run: fewer cases and samples, no torch.compile providers")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results/<device>/)")
+    p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                   help="OLD.json: print the change of this run against it; OLD.json NEW.json: "
+                        "compare two result files without running anything")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = p.parse_args(argv)
+    if args.compare is not None and len(args.compare) > 2:
+        p.error("--compare takes OLD.json or OLD.json NEW.json")
+    return args
+
+
+def _sections(only: Optional[str]) -> List[str]:
+    if not only:
+        return list(SECTIONS)
+    chosen = [s.strip().lower() for s in only.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in SECTIONS]
+    if bad or not chosen:
+        raise SystemExit(f"--only: expected a comma-separated subset of {', '.join(SECTIONS)}, "
+                         f"got {only!r}")
+    return chosen
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (this torch: "
+                         f"{torch.__version__}, CUDA {torch.version.cuda})")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu or cuda, got {name!r}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def make_config(args: argparse.Namespace) -> RunConfig:
+    device = _device(args.device)
+    if args.dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        try:
+            dtype = dtype_from_name(args.dtype)
+        except ValueError as exc:
+            raise SystemExit(str(exc))
+    presets = [s.strip() for s in args.preset.split(",") if s.strip()] if args.preset else None
+    if args.quick:
+        budget = Budget(min_rounds=3, max_rounds=5, seconds=0.5)
+    elif device.type == "cpu":
+        budget = Budget(min_rounds=5, max_rounds=15, seconds=3.0)
+    else:
+        budget = Budget()
+    return RunConfig(device=device, dtype=dtype, quick=args.quick, presets=presets, budget=budget)
+
+
+def build_cases(cfg: RunConfig, sections: List[str]) -> List[Case]:
+    cases: List[Case] = []
+    if "ops" in sections:
+        from . import ops_attention, ops_sap
+
+        cases += ops_sap.cases(cfg)
+        cases += ops_attention.cases(cfg)
+    if "model" in sections:
+        from . import model
+
+        cases += model.cases(cfg)
+    if "train" in sections:
+        from . import train
+
+        cases += train.cases(cfg)
+    return cases
+
+
+def _print_table(console, t: Dict[str, object]) -> None:
+    from rich.table import Table
+
+    table = Table(title=str(t["title"]), caption=t.get("caption"), show_lines=False,
+                  title_justify="left")
+    for h in t["header"]:
+        table.add_column(str(h), overflow="fold")
+    for row in t["rows"]:
+        table.add_row(*[str(c) for c in row])
+    console.print(table)
+
+
+def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
+    """Run the suite for parsed ``args``; returns the payload written to results.json."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    console = console or Console()
+    sections = _sections(args.only)
+    cfg = make_config(args)
+    started = time.perf_counter()
+    config = {"device": str(cfg.device), "dtype": cfg.dtype_name, "quick": cfg.quick,
+              "sections": sections, "presets": cfg.presets, "argv": sys.argv[1:],
+              "budget": vars(cfg.budget)}
+    ctx = context_mod.collect(cfg.device, config)
+    console.print(f"[bold]flashsloth-bench[/bold] on {ctx['device_description']} · "
+                  f"{cfg.dtype_name} · torch {ctx['torch']} · triton {ctx['triton']} · "
+                  f"commit {str(ctx['git_commit'])[:10]}")
+    rows: List[Row] = []
+    ceilings = None
+    from . import ceilings as ceilings_mod
+
+    with console.status("measuring device ceilings (large copy, large matmul)"):
+        try:
+            cfg.ceilings = ceilings_mod.measure(cfg.device, cfg.dtype, quick=cfg.quick)
+            ceilings = cfg.ceilings.as_dict()
+        except Exception as exc:
+            rows.append(error_row("ceilings", "copy+matmul", exc))
+    if ceilings:
+        console.print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, matmul "
+                      f"{ceilings['matmul_gflops']:.0f} GFLOP/s ({ceilings['matmul_dtype']})")
+    cases = build_cases(cfg, sections)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task("cases", total=len(cases))
+        for case in cases:
+            progress.update(task, description=f"{case.section}: {case.name}")
+            try:
+                rows.extend(case.run())
+            except Exception as exc:  # one broken case never stops the suite
+                rows.append(error_row(case.section, case.name, exc))
+            progress.advance(task)
+        progress.update(task, description="done")
+    verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
+    ctx["wall_s"] = round(time.perf_counter() - started, 1)
+    data = report.payload(ctx, ceilings, rows, verdicts)
+    for t in report.all_tables(rows, verdicts):
+        _print_table(console, t)
+    out_dir = Path(args.out) if args.out else RESULTS_DIR / ctx["device"]
+    if args.no_plots:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = [report.write_json(out_dir / "results.json", data),
+                   report.write_csv(out_dir / "results.csv", rows),
+                   report.write_markdown(out_dir / "report.md", data, [])]
+    else:
+        written = report.write_all(out_dir, data)
+    console.print(f"wrote {', '.join(p.name for p in written)} to {out_dir} "
+                  f"in {ctx['wall_s']} s")
+    return data
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    if args.compare is not None and len(args.compare) == 2:
+        from . import compare
+
+        old, new = (compare.load(p) for p in args.compare)
+        compare.print_diff(console, old, new, args.compare[0])
+        return 0
+    old = None
+    if args.compare is not None:
+        from . import compare
+
+        old = compare.load(args.compare[0])  # fail before a long run, not after
+    data = run(args, console)
+    if old is not None:
+        compare.print_diff(console, old, data, args.compare[0])
+    return 0

@@ -1,0 +1,98 @@
+"""``--compare OLD.json``: the change of every matching number against an earlier run.
+
+Rows match on their identity (section, case, mode, provider, preset, compression, stage,
+dtype and the sweep parameters); each metric is printed old -> new with its change. Timings
+from different devices are not comparable; the header says when the devices differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .common import Row
+
+_IDENTITY = ("section", "case", "mode", "provider", "preset", "compression", "stage", "dtype",
+             "B", "Lk")
+# metric -> True when larger is better
+METRICS: Dict[str, bool] = {
+    "median_ms": False, "gflops": True, "gbps": True, "peak_mem_bytes": False,
+    "visual_tokens": False, "prefill_flops": False, "kv_cache_bytes": False, "prefill_ms": False,
+    "decode_tok_s": True, "step_ms": False, "params": False,
+}
+
+
+def load(path: str | Path) -> Dict[str, object]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--compare: {p} is not a file (expected a results.json)")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"--compare: {p} is not a flashsloth-bench results.json (no 'rows')")
+    return data
+
+
+def _key(r: Row) -> Tuple:
+    return tuple(r.get(k) for k in _IDENTITY)
+
+
+def diff(old: Dict[str, object], new: Dict[str, object]) -> List[Dict[str, object]]:
+    """One entry per (row, metric) present and numeric in both runs."""
+    old_rows = {_key(r): r for r in old["rows"] if r.get("status") == "ok"}
+    out: List[Dict[str, object]] = []
+    for r in new["rows"]:
+        if r.get("status") != "ok":
+            continue
+        o = old_rows.get(_key(r))
+        if o is None:
+            continue
+        for m, higher_better in METRICS.items():
+            a, b = o.get(m), r.get(m)
+            if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or a == 0:
+                continue
+            change = 100.0 * (b - a) / a
+            better = (change > 0) == higher_better if change != 0 else None
+            out.append({"row": " ".join(str(r.get(k)) for k in ("section", "case", "mode",
+                                                                  "provider", "preset",
+                                                                  "compression", "stage")
+                                        if r.get(k) not in (None, "-")),
+                        "metric": m, "old": a, "new": b, "change_pct": change, "better": better})
+    return out
+
+
+def device_note(old: Dict[str, object], new: Dict[str, object]) -> Optional[str]:
+    a = (old.get("context") or {}).get("device_description")
+    b = (new.get("context") or {}).get("device_description")
+    if a != b:
+        return f"devices differ: {a} -> {b}; timings are not comparable"
+    return None
+
+
+def print_diff(console, old: Dict[str, object], new: Dict[str, object], old_name: str,
+               threshold_pct: float = 0.0) -> List[Dict[str, object]]:
+    from rich.table import Table
+
+    from .report import fmt
+
+    changes = diff(old, new)
+    octx = old.get("context") or {}
+    table = Table(title=f"change against {old_name} ({octx.get('date')}, "
+                        f"commit {str(octx.get('git_commit'))[:10]})")
+    for col in ("row", "metric", "old", "new", "change"):
+        table.add_column(col, justify="right" if col in ("old", "new", "change") else "left")
+    for c in changes:
+        if abs(c["change_pct"]) < threshold_pct:
+            continue
+        style = "" if c["better"] is None else ("green" if c["better"] else "red")
+        table.add_row(c["row"], c["metric"], fmt(c["old"]), fmt(c["new"]),
+                      f"[{style}]{c['change_pct']:+.1f}%[/{style}]" if style
+                      else f"{c['change_pct']:+.1f}%")
+    note = device_note(old, new)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+    if not changes:
+        console.print("no rows in common with the earlier run")
+    else:
+        console.print(table)
+    return changes

@@ -1,0 +1,110 @@
+"""Timing one op case across its providers, and turning the timings into result rows.
+
+Used by ops_sap.py and ops_attention.py. Every provider of a case is timed in the same
+interleaved rounds (see timing.py); the rows then carry, per provider: the median time and
+spread, the useful work of the case (FLOPs counted from the fused op, bytes it must move)
+as a rate and as a fraction of the device ceiling measured in this run, the ratio to the
+case's floor, how many times slower the provider is than the fused op, and peak memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from .common import Row, RunConfig, free_memory, timing_fields
+from .timing import peak_memory_bytes, time_providers
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[[], object]
+    note: str = ""
+    backend: Optional[str] = None
+    # Work of this provider when it is not the op's (the floor GEMM does less than the op)
+    flops: Optional[int] = None
+    compile_s: Optional[float] = None
+
+
+@dataclass
+class OpCase:
+    section: str
+    case: str
+    mode: str                      # "fwd" or "fwd+bwd"
+    params: Dict[str, object]
+    providers: List[Provider]
+    fused: str = "fused"           # the provider the others are compared with
+    flops: Optional[int] = None    # useful FLOPs of the op in this mode (from the counter)
+    bytes: Optional[int] = None    # bytes the op must move at least in this mode
+    floor_ms: Optional[float] = None
+    floor_name: Optional[str] = None
+    # provider name -> reason it is not run (recorded as a "not available" row)
+    unavailable: Dict[str, str] = field(default_factory=dict)
+
+
+def warm_compiled(provider: Provider) -> Provider:
+    """Run a torch.compile provider once so its compile time is recorded, not timed."""
+    t0 = time.perf_counter()
+    provider.fn()
+    provider.compile_s = time.perf_counter() - t0
+    return provider
+
+
+def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None) -> List[Row]:
+    """Time every provider of ``case`` and return one row per provider.
+
+    ``floor_provider``: name of a provider whose median is the floor of the case (SAP's bare
+    GEMM); otherwise ``case.floor_ms`` (the bandwidth floor of a memory-bound op) is used.
+    """
+    free_memory(cfg.device)
+    fns = {p.name: p.fn for p in case.providers}
+    timings, errors = time_providers(fns, cfg.device, cfg.budget)
+    floor_ms = case.floor_ms
+    floor_name = case.floor_name
+    if floor_provider is not None and floor_provider in timings:
+        floor_ms = timings[floor_provider].median_ms
+        floor_name = floor_provider
+    fused_ms = timings[case.fused].median_ms if case.fused in timings else None
+    ceil = cfg.ceilings
+    rows: List[Row] = []
+    for p in case.providers:
+        row: Row = {"section": case.section, "case": case.case, "provider": p.name,
+                    "mode": case.mode, "dtype": cfg.dtype_name, **case.params,
+                    "backend": p.backend, "note": p.note}
+        if p.name in errors:
+            row.update(status="error", note=f"{p.note}; {errors[p.name]}".strip("; "))
+            rows.append(row)
+            continue
+        t = timings[p.name]
+        row["status"] = "ok"
+        row.update(timing_fields(t))
+        secs = t.median_ms * 1e-3
+        flops = p.flops if p.flops is not None else case.flops
+        if flops:
+            row["flops"] = flops
+            row["gflops"] = flops / secs / 1e9
+            if ceil is not None:
+                row["pct_matmul_ceiling"] = 100.0 * row["gflops"] / ceil.matmul_gflops
+        if case.bytes and p.flops is None:
+            row["bytes"] = case.bytes
+            row["gbps"] = case.bytes / secs / 1e9
+            if ceil is not None:
+                row["pct_copy_ceiling"] = 100.0 * row["gbps"] / ceil.copy_gbps
+        if floor_ms:
+            row["floor"] = floor_name
+            row["floor_ms"] = floor_ms
+            row["ratio_to_floor"] = t.median_ms / floor_ms
+        if fused_ms:
+            # > 1: the fused op is that many times faster than this provider
+            row["fused_speedup"] = t.median_ms / fused_ms
+        if p.compile_s is not None:
+            row["compile_s"] = p.compile_s
+        row["peak_mem_bytes"] = peak_memory_bytes(p.fn, cfg.device)
+        rows.append(row)
+    for name, why in case.unavailable.items():
+        rows.append({"section": case.section, "case": case.case, "provider": name,
+                     "mode": case.mode, "dtype": cfg.dtype_name, **case.params,
+                     "status": "not available", "note": why})
+    return rows
