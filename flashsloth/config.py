@@ -269,6 +269,7 @@ class FlashSlothConfig:
             "rope_theta": t.rope_theta,
             "layer_norm_eps": t.layer_norm_eps,
             "max_position_embeddings": t.max_position_embeddings,
+            "resid_pdrop": t.resid_pdrop,
             "bos_token_id": t.eos_token_id,
             "eos_token_id": t.eos_token_id,
             "pad_token_id": t.pad_token_id,

@@ -21,9 +21,9 @@ EmbQ replaces every slot's query hidden states with
 ``lqformer(queries, question tokens, mask, un-pooled patch features of that sample)``.
 The question of a slot is the text before it: after the image (skipping
 ``question_skip_after_image`` tokens, the newline of "<image>\\n"), else after the previous
-slot; with labels, after the last labelled (answer) token before the slot plus
-``question_skip_after_answer`` tokens (the role tokens), as the original. ``question_mask``
-overrides this.
+slot. For a later turn with labels, it starts after the last labelled (answer) token before
+the slot plus ``question_skip_after_answer`` tokens (the "USER:" role tokens), as the original.
+``question_mask`` overrides this.
 """
 
 from __future__ import annotations
@@ -292,6 +292,7 @@ class FlashSloth(nn.Module):
             labs: List[int] = []
             n_images = 0
             anchor = 0                      # where the next question may start
+            after_slot = False              # the anchor is a previous slot (a later turn)
             answer_end = None               # last labelled position since the anchor
             question_pos: List[int] = []    # with question_mask: marked positions since anchor
             for t in range(T):
@@ -309,7 +310,7 @@ class FlashSloth(nn.Module):
                     index.extend(range(vis_base + b * M, vis_base + (b + 1) * M))
                     labs.extend([IGNORE_INDEX] * M)
                     anchor = len(index) + cfg.question_skip_after_image
-                    answer_end, question_pos = None, []
+                    after_slot, answer_end, question_pos = False, None, []
                 elif tok == cfg.query_token_id:
                     if Q == 0:
                         continue                    # baselines: the slot simply disappears
@@ -318,14 +319,17 @@ class FlashSloth(nn.Module):
                         qpos = question_pos
                     else:
                         begin = anchor
-                        if answer_end is not None:
+                        # A later turn: its question starts after the previous answer (the
+                        # labelled tokens) and the role tokens. The first turn's labelled
+                        # tokens (a stage-1 caption) are the question itself.
+                        if after_slot and answer_end is not None:
                             begin = max(begin, answer_end + 1 + cfg.question_skip_after_answer)
                         qpos = list(range(min(begin, start), start))
                     slots.append((b, start, qpos))
                     index.extend(range(q_base, q_base + Q))
                     labs.extend([IGNORE_INDEX] * Q)
                     anchor = len(index)
-                    answer_end, question_pos = None, []
+                    after_slot, answer_end, question_pos = True, None, []
                 else:
                     pos = len(index)
                     index.append(text_base + b * T + t)
