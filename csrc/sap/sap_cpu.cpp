@@ -389,19 +389,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   Tensor dw1, db1, dw2, db2;
   if (need_w) {
     dw1 = at::mm(dz.t(), xd);
-    // Block partials summed in block order, whatever the thread count.
-    Tensor red = at::empty({2 * Ch}, acc_opts);
+    // Block partials summed in block order, whatever the thread count. dw2 and db1 get their
+    // own buffers: the op's outputs must not alias one another.
+    dw2 = at::empty({Ch}, acc_opts);
+    db1 = at::empty({Ch}, acc_opts);
     {
       const acc_t* pp = part.const_data_ptr<acc_t>();
-      acc_t* rp = red.mutable_data_ptr<acc_t>();
+      acc_t* outs[2] = {dw2.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>()};
       at::parallel_for(0, 2 * Ch, 256, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) rp[k] = 0;
-        for (int64_t blk = 0; blk < nblk; ++blk)
-          for (int64_t k = begin; k < end; ++k) rp[k] += pp[blk * 2 * Ch + k];
+        for (int64_t k = begin; k < end; ++k) {
+          acc_t t = 0;
+          for (int64_t blk = 0; blk < nblk; ++blk) t += pp[blk * 2 * Ch + k];
+          outs[k / Ch][k % Ch] = t;
+        }
       });
     }
-    dw2 = red.narrow(0, 0, Ch);
-    db1 = red.narrow(0, Ch, Ch);
     const acc_t* dsp = ds.const_data_ptr<acc_t>();
     acc_t tot = 0;
     for (int64_t r = 0; r < M; ++r) tot += dsp[r];
@@ -427,8 +429,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sap_bwd_cpu(
                   grad_out.size(2) == C,
               "sap (cpu): grad_out must be (B, G, C) = (", B, ", ", win.G, ", ", C,
               "), got shape ", grad_out.sizes());
-  Tensor empty = at::empty({0}, x.options());
-  if (!need_x && !need_w) return {empty, empty, empty, empty, empty};
+  // a fresh empty tensor per unused output: outputs of an op must not alias one another
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  if (!need_x && !need_w) return {empty(), empty(), empty(), empty(), empty()};
   std::optional<Tensor> mask;
   if (dropout_mask.has_value()) mask = dropout_mask->contiguous();
   const auto gd = gemm_dtype(x.scalar_type(), lowp_gemm);
@@ -439,11 +442,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sap_bwd_cpu(
   });
   auto [dx, dw1, db1, dw2, db2] = r;
   const auto wt = w1.scalar_type();
-  return {need_x ? dx.to(x.scalar_type()) : empty,
-          need_w ? dw1.to(wt) : empty,
-          need_w ? db1.to(wt) : empty,
-          need_w ? dw2.to(w2.scalar_type()) : empty,
-          need_w ? db2.to(w2.scalar_type()) : empty};
+  return {need_x ? dx.to(x.scalar_type()) : empty(),
+          need_w ? dw1.to(wt) : empty(),
+          need_w ? db1.to(wt) : empty(),
+          need_w ? dw2.to(w2.scalar_type()) : empty(),
+          need_w ? db2.to(w2.scalar_type()) : empty()};
 }
 
 }  // namespace
