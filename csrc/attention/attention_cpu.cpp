@@ -1,0 +1,341 @@
+// C++ CPU kernels of flashsloth::query_patch_attention (few queries against many keys).
+//
+// Registered as torch.ops.flashsloth_C.query_patch_attention_fwd / _bwd; the Python host
+// functions (flashsloth_kernels/attention/fused_cpu.py) call them. Inputs are validated by
+// the public function; the TORCH_CHECKs here repeat the checks that keep memory safe.
+//
+// Speed: the kernels (attention_cpu_kernels.h) are compiled three times, for AVX-512, AVX2
+// and the baseline instruction set (the extension is built without -march flags so that
+// one wheel runs everywhere), and the widest one the CPU supports is picked at first use.
+// Work runs as one parallel task per (b, h) and key split (plus query superblock in the
+// forward); the split count depends on the shape only, never on the thread count, so
+// results are the same bit for bit whatever the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "attention_cpu.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FS_ATTN_X86_VARIANTS 1
+#else
+#define FS_ATTN_X86_VARIANTS 0
+#endif
+
+namespace flashsloth {
+namespace attention {
+
+namespace baseline {
+#define FS_VEC_BYTES 16
+#include "attention_cpu_kernels.h"
+#undef FS_VEC_BYTES
+}  // namespace baseline
+
+#if FS_ATTN_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define FS_VEC_BYTES 32
+#include "attention_cpu_kernels.h"
+#undef FS_VEC_BYTES
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#define FS_VEC_BYTES 64
+#include "attention_cpu_kernels.h"
+#undef FS_VEC_BYTES
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+using FwdFn = void (*)(const FwdParams&, DType, int64_t);
+using BwdFn = void (*)(const BwdParams&, DType, int64_t);
+
+struct Kernels {
+  const char* isa;
+  FwdFn fwd;
+  BwdFn bwd;
+};
+
+Kernels pick_kernels() {
+#if FS_ATTN_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return {"avx512", avx512::fwd_unit, avx512::bwd_unit};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {"avx2", avx2::fwd_unit, avx2::bwd_unit};
+#endif
+  return {"baseline", baseline::fwd_unit, baseline::bwd_unit};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick_kernels();
+  return k;
+}
+
+// Parallel tasks wanted from the key splits when B * H alone is small. A constant, not the
+// thread count, so the split (and the rounding) never depends on the machine's threads.
+constexpr int64_t kTargetUnits = 16;
+constexpr int64_t kMinSplitKeys = 256;
+constexpr int64_t kQuerySuperblock = 64;
+
+void choose_split(Shape& s) {
+  const int64_t bh = s.B * s.H;
+  int64_t nsplit = 1;
+  if (bh < kTargetUnits) {
+    const int64_t want = (kTargetUnits + bh - 1) / bh;
+    const int64_t most = std::max<int64_t>(1, s.Lk / kMinSplitKeys);
+    nsplit = std::min(want, most);
+  }
+  s.split_len = (s.Lk + nsplit - 1) / nsplit;
+  s.nsplit = (s.Lk + s.split_len - 1) / s.split_len;
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "query_patch_attention (cpu): unsupported dtype ", t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const char* where, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, where,
+              ": q, k, v must be 4-D (B, H, L, D), got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), where,
+              ": expected CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), where,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Dk = q.size(3), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dk, where, ": k of shape ",
+              k.sizes(), " does not match q of shape ", q.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Lk, where, ": v of shape ",
+              v.sizes(), " does not match k of shape ", k.sizes());
+  TORCH_CHECK(Dk >= 1 && Dk <= 256 && v.size(3) >= 1 && v.size(3) <= 256, where,
+              ": head sizes must be in 1..256, got Dk = ", Dk, ", Dv = ", v.size(3));
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, where, ": scale must be finite and > 0, got ",
+              scale);
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
+                    m.size(1) == Lk && m.device().is_cpu(),
+                where, ": key_padding_mask must be a CPU bool tensor of shape (", B, ", ", Lk,
+                "), got ", m.scalar_type(), " ", m.sizes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 const std::optional<at::Tensor>& mask_in,
+                                                 double scale) {
+  check_inputs("query_patch_attention_fwd", q_in, k_in, v_in, mask_in, scale);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  Shape s{};
+  s.B = q.size(0);
+  s.H = q.size(1);
+  s.Lq = q.size(2);
+  s.Dk = q.size(3);
+  s.Lk = k.size(2);
+  s.Dv = v.size(3);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty({s.B, s.H, s.Lq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.Lq}, q.options().dtype(acc));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (s.Lk == 0) {  // no key at all: every row is "all masked"
+    out.zero_();
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  at::Tensor mask;
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  choose_split(s);
+  s.qsb_len = std::min(s.Lq, kQuerySuperblock);
+  s.nqsb = (s.Lq + s.qsb_len - 1) / s.qsb_len;
+
+  FwdParams P{};
+  P.s = s;
+  P.q = q.data_ptr();
+  P.k = k.data_ptr();
+  P.v = v.data_ptr();
+  P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  P.scale = scale;
+  P.out = out.data_ptr();
+  P.lse = lse.data_ptr();
+  at::Tensor part_o, part_lse;
+  if (s.nsplit > 1) {
+    part_o = at::empty({s.nsplit, s.B, s.H, s.Lq, s.Dv}, q.options().dtype(acc));
+    part_lse = at::empty({s.nsplit, s.B, s.H, s.Lq}, q.options().dtype(acc));
+    P.part_o = part_o.data_ptr();
+    P.part_lse = part_lse.data_ptr();
+  }
+  const DType dt = dtype_of(q);
+  const FwdFn fwd = kernels().fwd;
+  const int64_t units = s.B * s.H * s.nqsb * s.nsplit;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) fwd(P, dt, u);
+  });
+  if (s.nsplit > 1) {
+    // Merge the splits: lse = logsumexp_s lse_s, out = sum_s exp(lse_s - lse) out_s.
+    const int64_t rows = s.B * s.H * s.Lq;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "qpa_merge", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t* po = part_o.data_ptr<acc_t>();
+      const acc_t* pl = part_lse.data_ptr<acc_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      acc_t* l = lse.data_ptr<acc_t>();
+      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t m = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t sp = 0; sp < s.nsplit; ++sp) m = std::max(m, pl[sp * rows + r]);
+          scalar_t* orow = o + r * s.Dv;
+          if (m == -std::numeric_limits<acc_t>::infinity()) {
+            for (int64_t d = 0; d < s.Dv; ++d) orow[d] = scalar_t(0);
+            l[r] = std::numeric_limits<acc_t>::infinity();
+            continue;
+          }
+          acc_t total = 0;
+          for (int64_t sp = 0; sp < s.nsplit; ++sp) total += std::exp(pl[sp * rows + r] - m);
+          for (int64_t d = 0; d < s.Dv; ++d) {
+            acc_t x = 0;
+            for (int64_t sp = 0; sp < s.nsplit; ++sp)
+              x += std::exp(pl[sp * rows + r] - m) * po[(sp * rows + r) * s.Dv + d];
+            orow[d] = scalar_t(x / total);
+          }
+          l[r] = m + std::log(total);
+        }
+      });
+    });
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const std::optional<at::Tensor>& mask_in, double scale,
+    const at::Tensor& out_in, const at::Tensor& lse_in) {
+  check_inputs("query_patch_attention_bwd", q_in, k_in, v_in, mask_in, scale);
+  const auto acc = acc_type(q_in.scalar_type());
+  const std::vector<int64_t> osize{q_in.size(0), q_in.size(1), q_in.size(2), v_in.size(3)};
+  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(osize) && out_in.sizes() == at::IntArrayRef(osize),
+              "query_patch_attention_bwd: grad_out and out must have shape ", at::IntArrayRef(osize),
+              ", got ", dout_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+              "query_patch_attention_bwd: grad_out and out must have q's dtype");
+  TORCH_CHECK(lse_in.scalar_type() == acc && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
+                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
+              "query_patch_attention_bwd: lse must be ", acc, " of shape (B, H, Lq), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  Shape s{};
+  s.B = q.size(0);
+  s.H = q.size(1);
+  s.Lq = q.size(2);
+  s.Dk = q.size(3);
+  s.Lk = k.size(2);
+  s.Dv = v.size(3);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (s.B * s.H == 0) return {dq, dk, dv};
+  if (s.Lq == 0 || s.Lk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  at::Tensor mask;
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  choose_split(s);
+  s.qsb_len = s.Lq;
+  s.nqsb = 1;
+  BwdParams P{};
+  P.s = s;
+  P.dout = dout.data_ptr();
+  P.q = q.data_ptr();
+  P.k = k.data_ptr();
+  P.v = v.data_ptr();
+  P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  P.scale = scale;
+  P.out = out.data_ptr();
+  P.lse = lse.data_ptr();
+  P.dq = dq.data_ptr();
+  P.dk = dk.data_ptr();
+  P.dv = dv.data_ptr();
+  at::Tensor part_dq;
+  if (s.nsplit > 1) {
+    part_dq = at::empty({s.nsplit, s.B, s.H, s.Lq, s.Dk}, q.options().dtype(acc));
+    P.part_dq = part_dq.data_ptr();
+  }
+  const DType dt = dtype_of(q);
+  const BwdFn bwd = kernels().bwd;
+  at::parallel_for(0, s.B * s.H * s.nsplit, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) bwd(P, dt, u);
+  });
+  if (s.nsplit > 1) {
+    // dq = sum of the splits' shares, in split order (deterministic).
+    const int64_t n = s.B * s.H * s.Lq * s.Dk;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "qpa_dq_sum", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t* src = part_dq.data_ptr<acc_t>();
+      scalar_t* dst = dq.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          acc_t x = 0;
+          for (int64_t sp = 0; sp < s.nsplit; ++sp) x += src[sp * n + e];
+          dst[e] = scalar_t(x);
+        }
+      });
+    });
+  }
+  return {dq, dk, dv};
+}
+
+std::string attention_isa() { return kernels().isa; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flashsloth_C, m) {
+  m.def(
+      "query_patch_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "query_patch_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor? key_padding_mask, float scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  m.def("query_patch_attention_isa() -> str", &attention_isa);
+}
+
+TORCH_LIBRARY_IMPL(flashsloth_C, CPU, m) {
+  m.impl("query_patch_attention_fwd", &attention_fwd);
+  m.impl("query_patch_attention_bwd", &attention_bwd);
+}
+
+}  // namespace attention
+}  // namespace flashsloth

@@ -1,0 +1,454 @@
+// CPU kernels of the query-to-patch attention, written once over GCC vector types of
+// FS_VEC_BYTES bytes and compiled once per instruction set: attention_cpu.cpp includes this
+// file inside namespace flashsloth::attention::<isa>, under the matching
+// `#pragma GCC target`. No include guard, on purpose; and no #include here, so that only this
+// file's own functions take the region's target (every header is included before).
+//
+// Layout of the work: the vector lanes hold queries (W of them per query block), so every
+// loop over keys and head dims is a run of lane-wide FMAs with one broadcast operand, reading
+// K and V rows contiguously, with no transposes and no tails (Dk = 18 and Dv = 36 have no
+// friendly vector length; Lq = 9 queries fill W = 16 lanes in one block). Keys stream in
+// chunks of kChunk that stay in L1 while every query block of the unit uses them.
+// Logits are in log2 units (q is pre-scaled by scale * log2(e)) so each probability is one
+// exp2. Masked keys are skipped (gathered out of the chunk by index), never computed.
+
+static constexpr int64_t kChunk = 64;   // keys per chunk (K + V chunk ~14 KB in fp32 at 18/36)
+static constexpr int kGroup = 8;         // keys scored together: independent FMA chains
+
+template <typename A> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(FS_VEC_BYTES)));
+  typedef int32_t itype __attribute__((vector_size(FS_VEC_BYTES)));
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(FS_VEC_BYTES)));
+  typedef int64_t itype __attribute__((vector_size(FS_VEC_BYTES)));
+};
+
+template <typename A> using Vec = typename VecOf<A>::type;
+template <typename A> constexpr int lanes() { return FS_VEC_BYTES / int(sizeof(A)); }
+
+// x - 0 (not 0 + x, which is not x for x = -0.0) so GCC folds it to a plain broadcast,
+// which then becomes the memory operand of the FMA.
+template <typename A> static inline Vec<A> vset(A x) { return x - Vec<A>{}; }
+template <typename A> static inline Vec<A> vload(const A* p) {
+  Vec<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A> static inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a > b ? a : b; }
+
+// 2^x, exactly 0 for x < -126 (so -inf, a masked or all-masked logit, gives 0 and never NaN).
+// Round-to-nearest by the 1.5 * 2^23 trick, then a degree-6 Taylor polynomial of 2^f on
+// [-0.5, 0.5] (relative error ~1.2e-7) times 2^n built in the exponent bits.
+static inline Vec<float> vexp2(Vec<float> x) {
+  typedef VecOf<float>::itype VI;
+  const Vec<float> lo = vset<float>(-126.0f), hi = vset<float>(127.0f);
+  const Vec<float> magic = vset<float>(12582912.0f);
+  Vec<float> xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const Vec<float> t = xc + magic;
+  const Vec<float> f = xc - (t - magic);
+  const VI n = (VI)t - (VI)magic;
+  Vec<float> p = vset<float>(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.550410866482158e-2f;
+  p = p * f + 0.2402265069591007f;
+  p = p * f + 0.6931471805599453f;
+  p = p * f + 1.0f;
+  const Vec<float> r = p * (Vec<float>)((n + 127) << 23);
+  return x < lo ? Vec<float>{} : r;
+}
+
+// float64 runs for gradcheck, not for speed: libm per lane.
+static inline Vec<double> vexp2(Vec<double> x) {
+  Vec<double> r;
+  for (int i = 0; i < lanes<double>(); ++i) r[i] = std::exp2(x[i]);
+  return r;
+}
+
+// Element loads into the accumulation type and stores back. The half conversion is the
+// branch-free one of c10 (fp16_ieee_to_fp32_value), so conversion loops vectorise.
+static inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static inline float load_elem(const float* p) { return *p; }
+static inline double load_elem(const double* p) { return *p; }
+static inline float load_elem(const c10::BFloat16* p) { return bits_to_float(uint32_t(p->x) << 16); }
+static inline float load_elem(const c10::Half* p) {
+  const uint32_t w = uint32_t(p->x) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(denormalized)
+                                                   : float_to_bits(normalized)));
+}
+static inline void store_elem(float* p, float x) { *p = x; }
+static inline void store_elem(double* p, double x) { *p = x; }
+static inline void store_elem(c10::Half* p, float x) { *p = c10::Half(x); }
+static inline void store_elem(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
+
+// Per-thread scratch, grown on demand and reused across calls (no allocation once warm),
+// 64-byte aligned so lane vectors never split a cache line.
+template <typename A>
+static A* scratch(int64_t n) {
+  static thread_local std::vector<A> buf;
+  const size_t need = size_t(n) + 64 / sizeof(A);
+  if (buf.size() < need) buf.resize(need);
+  uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  p = (p + 63) & ~uintptr_t(63);
+  return reinterpret_cast<A*>(p);
+}
+
+template <typename T, typename A>
+static inline const A* chunk_rows(const T* src, int64_t rows, int64_t cols, A* buf) {
+  if constexpr (std::is_same<T, A>::value) {
+    return src;
+  } else {
+    const int64_t n = rows * cols;
+    for (int64_t e = 0; e < n; ++e) buf[e] = load_elem(src + e);
+    return buf;
+  }
+}
+
+// Number of keys of chunk [c0, c0 + kc) that are attended, their offsets written to idx.
+static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t* idx) {
+  int nv = 0;
+  if (mrow == nullptr) {
+    for (int64_t j = 0; j < kc; ++j) idx[j] = int32_t(j);
+    return int(kc);
+  }
+  for (int64_t j = 0; j < kc; ++j)
+    if (mrow[c0 + j]) idx[nv++] = int32_t(j);
+  return nv;
+}
+
+// Logits of G keys for one query block: out[g] = sum_d K[idx[g], d] * qt[d] (lane vectors).
+template <typename A, int G>
+static inline void score_group(const A* qt, const A* kc, int64_t Dk, const int32_t* idx,
+                               A* out) {
+  constexpr int W = lanes<A>();
+  Vec<A> acc[G];
+  const A* kr[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g] = Vec<A>{};
+    kr[g] = kc + int64_t(idx[g]) * Dk;
+  }
+  for (int64_t d = 0; d < Dk; ++d) {
+    const Vec<A> qv = vload(qt + d * W);
+    for (int g = 0; g < G; ++g) acc[g] += vset(kr[g][d]) * qv;
+  }
+  for (int g = 0; g < G; ++g) vstore(out + g * W, acc[g]);
+}
+
+// DB value dims of one query block's (transposed) accumulator: ot = ot * alpha + sum_j p_j V_j.
+template <typename A, int DB>
+static inline void pv_block(A* ot, Vec<A> alpha, const A* vcol, int64_t Dv, const int32_t* idx,
+                            int nv, const A* p) {
+  constexpr int W = lanes<A>();
+  Vec<A> acc[DB];
+  for (int t = 0; t < DB; ++t) acc[t] = vload(ot + t * W) * alpha;
+  for (int j = 0; j < nv; ++j) {
+    const Vec<A> pj = vload(p + j * W);
+    const A* vr = vcol + int64_t(idx[j]) * Dv;
+    for (int t = 0; t < DB; ++t) acc[t] += vset(vr[t]) * pj;
+  }
+  for (int t = 0; t < DB; ++t) vstore(ot + t * W, acc[t]);
+}
+
+// One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
+// key chunks. Writes out / lse (nsplit == 1) or the split's normalised partials.
+template <typename T, typename A>
+static void fwd_unit_t(const FwdParams& P, int64_t u) {
+  constexpr int W = lanes<A>();
+  typedef Vec<A> V;
+  const Shape& s = P.s;
+  const int64_t sp = u % s.nsplit;
+  const int64_t qsb = (u / s.nsplit) % s.nqsb;
+  const int64_t bh = u / (s.nsplit * s.nqsb);
+  const int64_t b = bh / s.H;
+  const int64_t Lq = s.Lq, Lk = s.Lk, Dk = s.Dk, Dv = s.Dv;
+  const int64_t i0 = qsb * s.qsb_len, R = std::min(s.qsb_len, Lq - i0);
+  const int64_t nqb = (R + W - 1) / W;
+  const int64_t j0 = sp * s.split_len, j1 = std::min(Lk, j0 + s.split_len);
+  const T* q = static_cast<const T*>(P.q) + (bh * Lq + i0) * Dk;
+  const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
+  const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
+  const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
+  constexpr bool kConvert = !std::is_same<T, A>::value;
+
+  const int64_t n_qt = nqb * Dk * W, n_ot = nqb * Dv * W, n_m = nqb * W, n_st = kChunk * W;
+  const int64_t n_kb = kConvert ? kChunk * Dk : 0, n_vb = kConvert ? kChunk * Dv : 0;
+  A* qt = scratch<A>(n_qt + n_ot + 2 * n_m + n_st + n_kb + n_vb + W);
+  A* ot = qt + n_qt;
+  A* mb = ot + n_ot;
+  A* lb = mb + n_m;
+  A* st = lb + n_m;
+  A* kb = st + n_st;
+  A* vb = kb + n_kb;
+  int32_t idx[kChunk];
+
+  const A sc = A(P.scale * 1.4426950408889634);
+  std::fill(qt, qt + n_qt, A(0));
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t d = 0; d < Dk; ++d)
+      qt[((i / W) * Dk + d) * W + i % W] = load_elem(q + i * Dk + d) * sc;
+  std::fill(ot, ot + n_ot, A(0));
+  std::fill(mb, mb + n_m, -std::numeric_limits<A>::infinity());
+  std::fill(lb, lb + n_m, A(0));
+
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t kc = std::min(kChunk, j1 - c0);
+    const int nv = gather_keys(mrow, c0, kc, idx);
+    if (nv == 0) continue;
+    const A* kcp = chunk_rows<T, A>(k + c0 * Dk, kc, Dk, kb);
+    const A* vcp = chunk_rows<T, A>(v + c0 * Dv, kc, Dv, vb);
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const A* qtb = qt + qb * Dk * W;
+      int t = 0;
+      for (; t + kGroup <= nv; t += kGroup) score_group<A, kGroup>(qtb, kcp, Dk, idx + t, st + t * W);
+      for (; t < nv; ++t) score_group<A, 1>(qtb, kcp, Dk, idx + t, st + t * W);
+      V mx = vload(st);
+      for (t = 1; t < nv; ++t) mx = vmax<A>(mx, vload(st + t * W));
+      const V mold = vload(mb + qb * W);
+      const V mnew = vmax<A>(mold, mx);  // finite: the chunk has an attended key
+      const V alpha = vexp2(mold - mnew);  // 0 while mold is still -inf
+      V lsum = V{};
+      for (t = 0; t < nv; ++t) {
+        const V p = vexp2(vload(st + t * W) - mnew);
+        vstore(st + t * W, p);
+        lsum += p;
+      }
+      vstore(lb + qb * W, vload(lb + qb * W) * alpha + lsum);
+      vstore(mb + qb * W, mnew);
+      A* otb = ot + qb * Dv * W;
+      int64_t d0 = 0;
+      for (; d0 + 8 <= Dv; d0 += 8) pv_block<A, 8>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
+      for (; d0 + 4 <= Dv; d0 += 4) pv_block<A, 4>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
+      for (; d0 < Dv; ++d0) pv_block<A, 1>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
+    }
+  }
+
+  const A inf = std::numeric_limits<A>::infinity();
+  const int64_t BH = s.B * s.H;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t lane = (i / W) * W + i % W;
+    const A li = lb[lane], mi = mb[lane];
+    const A inv = li > 0 ? A(1) / li : A(0);
+    const A lse = li > 0 ? (mi + std::log2(li)) * A(0.6931471805599453) : inf;
+    const A* oti = ot + (i / W) * Dv * W + i % W;
+    const int64_t row = bh * Lq + i0 + i;
+    if (s.nsplit == 1) {
+      T* o = static_cast<T*>(P.out) + row * Dv;
+      for (int64_t d = 0; d < Dv; ++d) store_elem(o + d, oti[d * W] * inv);
+      static_cast<A*>(P.lse)[row] = lse;
+    } else {
+      // A split with no attended key contributes nothing to the merge: lse -inf there.
+      const int64_t prow = sp * BH * Lq + row;
+      A* o = static_cast<A*>(P.part_o) + prow * Dv;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = oti[d * W] * inv;
+      static_cast<A*>(P.part_lse)[prow] = li > 0 ? lse : -inf;
+    }
+  }
+}
+
+// G keys of one query block in the backward: p and ds (lane vectors), dq accumulation
+// (lanes = queries), then dk / dv rows (vectorised over the padded head dim).
+template <typename A, int G>
+static inline void bwd_group(const A* qt, const A* dot, const A* lse2,
+                             const A* delta, const A* kc, const A* vc, int64_t Dk, int64_t Dv,
+                             const int32_t* idx, A* dqt, const A* qrow, const A* dorow,
+                             int64_t nrows, int64_t Dkp, int64_t Dvp, A* dkc, A* dvc, A* lanebuf) {
+  constexpr int W = lanes<A>();
+  typedef Vec<A> V;
+  V sacc[G], dpacc[G];
+  const A* kr[G];
+  const A* vr[G];
+  for (int g = 0; g < G; ++g) {
+    sacc[g] = V{};
+    dpacc[g] = V{};
+    kr[g] = kc + int64_t(idx[g]) * Dk;
+    vr[g] = vc + int64_t(idx[g]) * Dv;
+  }
+  for (int64_t d = 0; d < Dk; ++d) {
+    const V qv = vload(qt + d * W);
+    for (int g = 0; g < G; ++g) sacc[g] += vset(kr[g][d]) * qv;
+  }
+  for (int64_t d = 0; d < Dv; ++d) {
+    const V gv = vload(dot + d * W);
+    for (int g = 0; g < G; ++g) dpacc[g] += vset(vr[g][d]) * gv;
+  }
+  const V l2 = vload(lse2), de = vload(delta);
+  V ds[G];
+  A* pl = lanebuf;
+  A* dsl = lanebuf + G * W;
+  for (int g = 0; g < G; ++g) {
+    const V p = vexp2(sacc[g] - l2);  // 0 for rows with no attended key (lse = +inf)
+    ds[g] = p * (dpacc[g] - de);
+    vstore(pl + g * W, p);
+    vstore(dsl + g * W, ds[g]);
+  }
+  for (int64_t d = 0; d < Dk; ++d) {
+    V acc = vload(dqt + d * W);
+    for (int g = 0; g < G; ++g) acc += vset(kr[g][d]) * ds[g];
+    vstore(dqt + d * W, acc);
+  }
+  // dv / dk rows of the G keys, a lane vector of head dims at a time: each dO (q) row vector
+  // is loaded once and feeds G FMAs whose other operand is a broadcast p (ds) from memory.
+  for (int64_t dd = 0; dd < Dvp; dd += W) {
+    Vec<A> acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = vload(dvc + int64_t(idx[g]) * Dvp + dd);
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Vec<A> x = vload(dorow + i * Dvp + dd);
+      for (int g = 0; g < G; ++g) acc[g] += vset(pl[g * W + i]) * x;
+    }
+    for (int g = 0; g < G; ++g) vstore(dvc + int64_t(idx[g]) * Dvp + dd, acc[g]);
+  }
+  for (int64_t dd = 0; dd < Dkp; dd += W) {
+    Vec<A> acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = vload(dkc + int64_t(idx[g]) * Dkp + dd);
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Vec<A> x = vload(qrow + i * Dkp + dd);
+      for (int g = 0; g < G; ++g) acc[g] += vset(dsl[g * W + i]) * x;
+    }
+    for (int g = 0; g < G; ++g) vstore(dkc + int64_t(idx[g]) * Dkp + dd, acc[g]);
+  }
+}
+
+// One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
+// complete here; dq is this range's share (the whole dq when nsplit == 1).
+template <typename T, typename A>
+static void bwd_unit_t(const BwdParams& P, int64_t u) {
+  constexpr int W = lanes<A>();
+  const Shape& s = P.s;
+  const int64_t sp = u % s.nsplit;
+  const int64_t bh = u / s.nsplit;
+  const int64_t b = bh / s.H;
+  const int64_t Lq = s.Lq, Lk = s.Lk, Dk = s.Dk, Dv = s.Dv;
+  const int64_t nqb = (Lq + W - 1) / W;
+  const int64_t Dkp = (Dk + W - 1) / W * W, Dvp = (Dv + W - 1) / W * W;
+  const int64_t j0 = sp * s.split_len, j1 = std::min(Lk, j0 + s.split_len);
+  const T* q = static_cast<const T*>(P.q) + bh * Lq * Dk;
+  const T* go = static_cast<const T*>(P.dout) + bh * Lq * Dv;
+  const T* o = static_cast<const T*>(P.out) + bh * Lq * Dv;
+  const A* lse = static_cast<const A*>(P.lse) + bh * Lq;
+  const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
+  const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
+  T* dk = static_cast<T*>(P.dk) + bh * Lk * Dk;
+  T* dv = static_cast<T*>(P.dv) + bh * Lk * Dv;
+  const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
+  constexpr bool kConvert = !std::is_same<T, A>::value;
+
+  const int64_t n_qt = nqb * Dk * W, n_dot = nqb * Dv * W, n_l = nqb * W;
+  const int64_t n_qr = nqb * W * Dkp, n_dor = nqb * W * Dvp;
+  const int64_t n_dkc = kChunk * Dkp, n_dvc = kChunk * Dvp, n_lane = 2 * kGroup * W;
+  const int64_t n_kb = kConvert ? kChunk * Dk : 0, n_vb = kConvert ? kChunk * Dv : 0;
+  A* qt = scratch<A>(2 * n_qt + n_dot + 2 * n_l + n_qr + n_dor + n_dkc + n_dvc + n_lane + n_kb +
+                     n_vb + W);
+  A* dqt = qt + n_qt;
+  A* dot = dqt + n_qt;
+  A* lse2 = dot + n_dot;
+  A* delta = lse2 + n_l;
+  A* qrow = delta + n_l;
+  A* dorow = qrow + n_qr;
+  A* dkc = dorow + n_dor;
+  A* dvc = dkc + n_dkc;
+  A* lanebuf = dvc + n_dvc;
+  A* kb = lanebuf + n_lane;
+  A* vb = kb + n_kb;
+  int32_t idx[kChunk];
+
+  const A scale = A(P.scale);
+  const A sc = A(P.scale * 1.4426950408889634);
+  std::fill(qt, qt + 2 * n_qt + n_dot, A(0));  // qt, dqt, dot
+  std::fill(lse2, lse2 + n_l, std::numeric_limits<A>::infinity());  // padded lanes: p = 0
+  std::fill(delta, delta + n_l + n_qr + n_dor, A(0));  // delta, qrow, dorow
+  for (int64_t i = 0; i < Lq; ++i) {
+    const int64_t qb = i / W, lane = i % W;
+    for (int64_t d = 0; d < Dk; ++d) {
+      const A x = load_elem(q + i * Dk + d);
+      qt[(qb * Dk + d) * W + lane] = x * sc;
+      qrow[i * Dkp + d] = x;
+    }
+    A dsum = 0;
+    for (int64_t d = 0; d < Dv; ++d) {
+      const A g = load_elem(go + i * Dv + d);
+      dot[(qb * Dv + d) * W + lane] = g;
+      dorow[i * Dvp + d] = g;
+      dsum += g * load_elem(o + i * Dv + d);
+    }
+    delta[i] = dsum;
+    lse2[i] = lse[i] * A(1.4426950408889634);
+  }
+
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t kc = std::min(kChunk, j1 - c0);
+    const int nv = gather_keys(mrow, c0, kc, idx);
+    std::fill(dkc, dkc + kc * Dkp, A(0));
+    std::fill(dvc, dvc + kc * Dvp, A(0));
+    if (nv > 0) {
+      const A* kcp = chunk_rows<T, A>(k + c0 * Dk, kc, Dk, kb);
+      const A* vcp = chunk_rows<T, A>(v + c0 * Dv, kc, Dv, vb);
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t nrows = std::min<int64_t>(W, Lq - qb * W);
+        const A* qtb = qt + qb * Dk * W;
+        const A* dotb = dot + qb * Dv * W;
+        A* dqtb = dqt + qb * Dk * W;
+        const A* qrb = qrow + qb * W * Dkp;
+        const A* dorb = dorow + qb * W * Dvp;
+        int t = 0;
+        for (; t + 4 <= nv; t += 4)
+          bwd_group<A, 4>(qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
+                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
+        for (; t < nv; ++t)
+          bwd_group<A, 1>(qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
+                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
+      }
+    }
+    for (int64_t j = 0; j < kc; ++j) {
+      T* dkr = dk + (c0 + j) * Dk;
+      T* dvr = dv + (c0 + j) * Dv;
+      for (int64_t d = 0; d < Dk; ++d) store_elem(dkr + d, dkc[j * Dkp + d] * scale);
+      for (int64_t d = 0; d < Dv; ++d) store_elem(dvr + d, dvc[j * Dvp + d]);
+    }
+  }
+
+  for (int64_t i = 0; i < Lq; ++i) {
+    const A* src = dqt + (i / W) * Dk * W + i % W;
+    if (s.nsplit == 1) {
+      T* dst = static_cast<T*>(P.dq) + (bh * Lq + i) * Dk;
+      for (int64_t d = 0; d < Dk; ++d) store_elem(dst + d, src[d * W] * scale);
+    } else {
+      A* dst = static_cast<A*>(P.part_dq) + ((sp * s.B * s.H + bh) * Lq + i) * Dk;
+      for (int64_t d = 0; d < Dk; ++d) dst[d] = src[d * W] * scale;
+    }
+  }
+}
+
+static void fwd_unit(const FwdParams& P, DType dt, int64_t u) {
+  switch (dt) {
+    case DType::f32: return fwd_unit_t<float, float>(P, u);
+    case DType::f64: return fwd_unit_t<double, double>(P, u);
+    case DType::f16: return fwd_unit_t<c10::Half, float>(P, u);
+    case DType::bf16: return fwd_unit_t<c10::BFloat16, float>(P, u);
+  }
+}
+
+static void bwd_unit(const BwdParams& P, DType dt, int64_t u) {
+  switch (dt) {
+    case DType::f32: return bwd_unit_t<float, float>(P, u);
+    case DType::f64: return bwd_unit_t<double, double>(P, u);
+    case DType::f16: return bwd_unit_t<c10::Half, float>(P, u);
+    case DType::bf16: return bwd_unit_t<c10::BFloat16, float>(P, u);
+  }
+}

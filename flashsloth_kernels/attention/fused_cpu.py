@@ -1,0 +1,50 @@
+"""Host functions of the C++ CPU backend of the query-to-patch attention.
+
+The kernels live in csrc/attention/attention_cpu.cpp (+ attention_cpu_kernels.h) and register
+as ``torch.ops.flashsloth_C.query_patch_attention_fwd`` / ``_bwd`` when
+``flashsloth_kernels.attention._C`` is imported.
+
+Design (EmbQ: 9 queries x 32 heads against 729 keys, head dims 18 / 36): one parallel task per
+(b, h), plus a key split with a merge when B * H is small. Inside a task the vector lanes hold
+the queries, so scores (q . k) and the value sum are runs of lane-wide FMAs with a broadcast
+K or V element, reading K and V rows contiguously with no transposes and no head-dim tails; keys
+stream in L1-sized chunks with an online softmax (exp2 polynomial, fp32), masked keys are
+skipped. The kernels are compiled for AVX-512, AVX2 and the baseline instruction set and picked
+at first use (:func:`isa`). The backward recomputes the probabilities from lse, accumulates in
+fp32 and is deterministic (no atomics; the split depends on the shape, not the thread count).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _ext
+
+Tensor = torch.Tensor
+
+_ops = _ext.cpu_ops("flashsloth_kernels.attention._C")
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+             scale: float) -> Tuple[Tensor, Tensor]:
+    """Forward. q: (B, H, Lq, Dk), k: (B, H, Lk, Dk), v: (B, H, Lk, Dv), any strides, one dtype
+    (float32 / float64 / float16 / bfloat16); key_padding_mask: (B, Lk) bool (True = attend) or
+    None. Returns out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (float64 for
+    float64 inputs), +inf where every key of the row is masked (out is 0 there)."""
+    return _ops.query_patch_attention_fwd(q, k, v, key_padding_mask, float(scale))
+
+
+def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+             key_padding_mask: Optional[Tensor], scale: float, out: Tensor,
+             lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward from the saved (out, lse). grad_out: (B, H, Lq, Dv) in q's dtype.
+    Returns (dq, dk, dv) in the inputs' dtype, accumulated in fp32 (float64 for float64)."""
+    return _ops.query_patch_attention_bwd(grad_out, q, k, v, key_padding_mask, float(scale),
+                                          out, lse)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with on this CPU: "avx512", "avx2" or "baseline"."""
+    return _ops.query_patch_attention_isa()
