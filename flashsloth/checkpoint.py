@@ -24,7 +24,6 @@ them. Nothing is ever unpickled: safetensors files, or torch.load(weights_only=T
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -181,9 +180,8 @@ def read_config(path: str, shapes: Dict[str, Tuple[int, ...]]) -> FlashSlothConf
         raise CheckpointError(f"checkpoint {path!r}: config.json is not valid JSON ({exc})") from exc
     if "flashsloth_kernels" in data:
         return FlashSlothConfig.from_original_dict(data)
-    cfg = FlashSlothConfig.from_original_dict(data)
-    changes = {"vision": _vision_from_shapes(shapes, cfg.vision),
-               "embq_num_heads": cfg.text.num_attention_heads}
+    select = data.get("mm_vision_select_layer")
+    changes = {"vision": _vision_from_shapes(shapes, -2 if select is None else int(select))}
     tok = shapes.get("model.learnable_tokens.token")
     if tok is not None:
         changes["num_queries"] = tok[0]
@@ -193,7 +191,7 @@ def read_config(path: str, shapes: Dict[str, Tuple[int, ...]]) -> FlashSlothConf
     n_embq = _count_layers(shapes, "model.lqformer.layers.")
     if n_embq:
         changes["embq_num_layers"] = n_embq
-    return dataclasses.replace(cfg, **changes)
+    return FlashSlothConfig.from_original_dict(data, **changes)
 
 
 def _count_layers(shapes, prefix: str) -> int:
@@ -203,28 +201,25 @@ def _count_layers(shapes, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _vision_from_shapes(shapes, base: VisionConfig) -> VisionConfig:
+def _vision_from_shapes(shapes, select_layer: int) -> VisionConfig:
     pe = shapes.get(VISION_PREFIX + "embeddings.patch_embedding.weight")
     pos = shapes.get(VISION_PREFIX + "embeddings.position_embedding.weight")
     fc1 = shapes.get(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")
     if pe is None or pos is None or fc1 is None:
-        return base                                # the load reports the missing keys
+        return VisionConfig(select_layer=select_layer)   # the load reports the missing keys
     hidden, channels, patch = pe[0], pe[1], pe[2]
     grid = math.isqrt(pos[0])
     n_saved = _count_layers(shapes, VISION_PREFIX + "encoder.layers.")
     so400m = hidden == 1152 and patch == 14 and grid == 27
-    sel = base.select_layer
     if so400m:
         depth = 27
     else:
-        depth = n_saved - sel - 1 if sel < 0 else n_saved
-    heads = 16 if so400m else max(1, hidden // 72)
+        depth = n_saved - select_layer - 1 if select_layer < 0 else n_saved
     # SigLIP's patch conv floors: 384 px / 14 = 27 patches, so so400m's input size is 384
-    return VisionConfig(image_size=384 if so400m else grid * patch,
-                        patch_size=patch, num_channels=channels, hidden_size=hidden,
-                        intermediate_size=fc1[0], num_hidden_layers=depth,
-                        num_attention_heads=heads, layer_norm_eps=base.layer_norm_eps,
-                        select_layer=sel)
+    return VisionConfig(image_size=384 if so400m else grid * patch, patch_size=patch,
+                        num_channels=channels, hidden_size=hidden, intermediate_size=fc1[0],
+                        num_hidden_layers=depth, num_attention_heads=16 if so400m else max(1, hidden // 72),
+                        select_layer=select_layer)
 
 
 # ---------------------------------------------------------------------------- load / save

@@ -286,11 +286,13 @@ class FlashSlothConfig:
         }
 
     @classmethod
-    def from_original_dict(cls, data: Dict[str, Any]) -> "FlashSlothConfig":
+    def from_original_dict(cls, data: Dict[str, Any], **overrides: Any) -> "FlashSlothConfig":
         """Read a config.json: this package's block when present, else the original fields
-        (Phi-2 fields for the LLM; the vision tower is SigLIP so400m unless said otherwise)."""
+        (Phi-2 fields for the LLM; the vision tower is SigLIP so400m unless said otherwise;
+        EmbQ has as many heads as the LLM, as the original). ``overrides`` replace fields
+        (e.g. ``vision`` read from the weights) before the config is validated."""
         if "flashsloth_kernels" in data:
-            return cls.from_dict(data["flashsloth_kernels"])
+            return cls.from_dict({**data["flashsloth_kernels"], **overrides})
         text = TextConfig()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "eos_token_id",
@@ -323,7 +325,9 @@ class FlashSlothConfig:
             vision.hidden_size = int(data["mm_hidden_size"])
         if data.get("mm_vision_select_layer") is not None:
             vision.select_layer = int(data["mm_vision_select_layer"])
-        return cls(vision=vision, text=text, hd=bool(data.get("image_hd", False)))
+        fields = {"vision": vision, "text": text, "hd": bool(data.get("image_hd", False)),
+                  "embq_num_heads": text.num_attention_heads}
+        return cls(**{**fields, **overrides})
 
 
 def _only_fields(klass, values: Dict[str, Any], what: str):

@@ -67,7 +67,7 @@ def load_image(path: str):
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise UsageError(f"--image: cannot read {path!r} as an image ({exc})") from None
 
 
