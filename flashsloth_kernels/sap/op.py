@@ -70,11 +70,11 @@ def _sap_bwd_op(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w
 
 
 def _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w):
-    empty = x.new_empty(0)
+    # unneeded gradients come back as distinct empty tensors (outputs may not alias)
+    dx = torch.empty_like(x) if need_x else x.new_empty(0)
     if not need_w:
-        return (torch.empty_like(x) if need_x else empty), empty, empty, empty, empty
-    return ((torch.empty_like(x) if need_x else empty), torch.empty_like(w1),
-            w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(1))
+        return (dx,) + tuple(x.new_empty(0) for _ in range(4))
+    return dx, torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(1)
 
 
 @_sap_bwd_op.register_fake

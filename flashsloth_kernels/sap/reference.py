@@ -101,18 +101,17 @@ def sap_reference_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tens
     dz = ds.unsqueeze(-1) * w2c * (z > 0)
     if dropout_mask is not None:
         dz = dz * dropout_mask * dropout_scale
-    empty = x.new_empty(0)
     if need_x:
         dx = (alpha.unsqueeze(-1) * g_patch + dz @ w1c).to(x.dtype)
     else:
-        dx = empty
+        dx = x.new_empty(0)
     if need_w:
         dw1 = (dz.reshape(-1, dz.shape[-1]).t() @ xc.reshape(-1, C)).to(w1.dtype)
         db1 = dz.sum((0, 1)).to(w1.dtype)
         dw2 = (ds.unsqueeze(-1) * a).sum((0, 1)).to(w2.dtype)
         db2 = ds.sum().reshape(1).to(w2.dtype)
-    else:
-        dw1 = db1 = dw2 = db2 = empty
+    else:  # distinct empties: a custom op's outputs may not alias one another
+        dw1, db1, dw2, db2 = (x.new_empty(0) for _ in range(4))
     return dx, dw1, db1, dw2, db2
 
 
