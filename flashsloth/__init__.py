@@ -9,7 +9,8 @@ See docs/model.md.
 """
 
 from .checkpoint import CheckpointError
-from .config import COMPRESSIONS, PRESETS, FlashSlothConfig, TextConfig, VisionConfig, num_visual_tokens
+from .config import (COMPRESSIONS, PRESETS, FlashSlothConfig, TextConfig, VisionConfig,
+                     num_visual_tokens)
 from .language import KVCache
 from .model import FlashSloth, FlashSlothOutput
 from .preprocess import Tokenizer, build_prompt, preprocess_images

@@ -9,7 +9,7 @@ Name mapping (this package <-> original):
   learnable_tokens.token       <-> model.learnable_tokens.token
   lqformer.*                   <-> model.lqformer.*           (EmbQ)
   language_model.lm_head.*     <-> lm_head.*
-  language_model.*             <-> model.*                    (embed_tokens, layers.N, final_layernorm)
+  language_model.*             <-> model.*          (embed_tokens, layers.N, final_layernorm)
 
 Keys ignored on load (present in some checkpoints, unused by the model):
   - the vision tower's post_layernorm.* and head.* (FlashSloth replaces both by Identity),
@@ -177,7 +177,8 @@ def read_config(path: str, shapes: Dict[str, Tuple[int, ...]]) -> FlashSlothConf
         with open(file) as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path!r}: config.json is not valid JSON ({exc})") from exc
+        raise CheckpointError(f"checkpoint {path!r}: config.json is not valid JSON ({exc})") \
+            from exc
     if "flashsloth_kernels" in data:
         return FlashSlothConfig.from_original_dict(data)
     select = data.get("mm_vision_select_layer")
@@ -218,7 +219,8 @@ def _vision_from_shapes(shapes, select_layer: int) -> VisionConfig:
     # SigLIP's patch conv floors: 384 px / 14 = 27 patches, so so400m's input size is 384
     return VisionConfig(image_size=384 if so400m else grid * patch, patch_size=patch,
                         num_channels=channels, hidden_size=hidden, intermediate_size=fc1[0],
-                        num_hidden_layers=depth, num_attention_heads=16 if so400m else max(1, hidden // 72),
+                        num_hidden_layers=depth,
+                        num_attention_heads=16 if so400m else max(1, hidden // 72),
                         select_layer=select_layer)
 
 

@@ -24,7 +24,8 @@ from typing import List, Optional
 import torch
 
 from .config import COMPRESSIONS, PRESETS, FlashSlothConfig
-from .preprocess import IMAGE_MARKER, SLOT_MARKER, SYSTEM_PROMPT, Tokenizer, build_prompt, parse_token_ids
+from .preprocess import (IMAGE_MARKER, SLOT_MARKER, SYSTEM_PROMPT, Tokenizer, build_prompt,
+                         parse_token_ids)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flashsloth.generate",
                                 description="Answer a question about an image with FlashSloth.")
     p.add_argument("--image", required=True, help="image file (any format PIL reads)")
-    p.add_argument("--prompt", required=True, help="the question (or token ids without a tokenizer)")
+    p.add_argument("--prompt", required=True,
+                   help="the question (or token ids without a tokenizer)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="checkpoint directory in the original FlashSloth layout")
     src.add_argument("--preset", choices=sorted(PRESETS), help="random-init preset (default: tiny)")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,8 @@ class FlashSloth(nn.Module):
         torch.Size([1, 18, 1024])
     """
 
-    def __init__(self, config: FlashSlothConfig, *, device=None, dtype: Optional[torch.dtype] = None):
+    def __init__(self, config: FlashSlothConfig, *, device=None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -214,14 +215,12 @@ class FlashSloth(nn.Module):
         S = cfg.vision.image_size
         if cfg.hd:
             want = (cfg.num_views, cfg.vision.num_channels, S, S)
-            if px.dim() != 5 or tuple(px.shape[1:]) != want:
-                raise ValueError(f"images: expected pixel values of shape (B, {', '.join(map(str, want))}) "
-                                 f"(HD: {cfg.num_views} views), got {tuple(px.shape)}")
         else:
             want = (cfg.vision.num_channels, S, S)
-            if px.dim() != 4 or tuple(px.shape[1:]) != want:
-                raise ValueError(f"images: expected pixel values of shape (B, {', '.join(map(str, want))}), "
-                                 f"got {tuple(px.shape)}")
+        if px.dim() != 1 + len(want) or tuple(px.shape[1:]) != want:
+            hd = f" (HD: {cfg.num_views} views)" if cfg.hd else ""
+            raise ValueError(f"images: expected pixel values of shape "
+                             f"(B, {', '.join(map(str, want))}){hd}, got {tuple(px.shape)}")
         return px.to(device=self.device)
 
     def encode_images(self, pixel_values: Tensor) -> Tuple[Tensor, Tensor]:
@@ -245,9 +244,11 @@ class FlashSloth(nn.Module):
     # ------------------------------------------------------------------ sequence building
     def _check_ids(self, input_ids, attention_mask, labels, question_mask, batch: Optional[int]):
         if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids: expected a LongTensor (B, T), got {type(input_ids).__name__}")
+            raise TypeError(f"input_ids: expected a LongTensor (B, T), "
+                            f"got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, "
+                             f"got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
         if batch is not None and input_ids.shape[0] != batch:
@@ -272,7 +273,7 @@ class FlashSloth(nn.Module):
     def build_layout(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                      labels: Optional[Tensor] = None, question_mask: Optional[Tensor] = None,
                      has_images: bool = True) -> SequenceLayout:
-        """Expand markers into visual / query positions and re-pad on the left (see SequenceLayout)."""
+        """Expand markers into visual / query positions, re-pad on the left (see SequenceLayout)."""
         cfg = self.config
         B, T = input_ids.shape
         M = cfg.num_image_tokens if has_images else 0
@@ -306,7 +307,8 @@ class FlashSloth(nn.Module):
                     n_images += 1
                     if n_images > 1:
                         raise ValueError(f"input_ids row {b}: more than one image marker "
-                                         f"({cfg.image_token_id}); one image per sample is supported")
+                                         f"({cfg.image_token_id}); one image per sample is "
+                                         "supported")
                     index.extend(range(vis_base + b * M, vis_base + (b + 1) * M))
                     labs.extend([IGNORE_INDEX] * M)
                     anchor = len(index) + cfg.question_skip_after_image
@@ -343,9 +345,10 @@ class FlashSloth(nn.Module):
                 raise ValueError(f"input_ids row {b} has no image marker ({cfg.image_token_id}); "
                                  "every sample needs one when images are given")
             if Q and has_images and not any(s[0] == b for s in slots):
-                raise ValueError(f"input_ids row {b} has no query slot (token id {cfg.query_token_id}, "
-                                 "\"<learnable>\"): FlashSloth needs one after the question "
-                                 "(or use compression='sap', 'avgpool' or 'none')")
+                raise ValueError(f"input_ids row {b} has no query slot (token id "
+                                 f"{cfg.query_token_id}, \"<learnable>\"): FlashSloth needs one "
+                                 "after the question (or use compression='sap', 'avgpool' or "
+                                 "'none')")
             if not index:
                 raise ValueError(f"input_ids row {b} is empty (attention_mask has no real token)")
             rows_index.append(index)
@@ -355,9 +358,10 @@ class FlashSloth(nn.Module):
         dev = input_ids.device
         index = torch.zeros(B, L, dtype=torch.long)
         amask = torch.zeros(B, L, dtype=torch.bool)
-        out_labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+        out_labels = (torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+                      if labels is not None else None)
         offsets = []
-        for b, (r, lab) in enumerate(zip(rows_index, rows_labels)):
+        for b, (r, lab) in enumerate(zip(rows_index, rows_labels, strict=True)):
             off = L - len(r)
             offsets.append(off)
             index[b, off:] = torch.tensor(r, dtype=torch.long)
@@ -441,8 +445,9 @@ class FlashSloth(nn.Module):
         layout = self.build_layout(input_ids, attention_mask, labels, question_mask,
                                    has_images=px is not None)
         if layout.length > self.config.text.max_position_embeddings:
-            raise ValueError(f"sequence: {layout.length} positions after inserting visual and query "
-                             f"tokens exceed the context of {self.config.text.max_position_embeddings}")
+            raise ValueError(f"sequence: {layout.length} positions after inserting visual and "
+                             f"query tokens exceed the context of "
+                             f"{self.config.text.max_position_embeddings}")
         visual, feats = self.encode_images(px.to(self.dtype)) if px is not None else (None, None)
         embeds = self.embed_layout(layout, input_ids, visual)
         return embeds, layout, self._embq_hook(layout, feats)
@@ -473,7 +478,8 @@ class FlashSloth(nn.Module):
         loss = None
         if layout.labels is not None:
             if logits_to_keep is not None:
-                raise ValueError("labels: the loss needs every position's logits (logits_to_keep=None)")
+                raise ValueError("labels: the loss needs every position's logits "
+                                 "(logits_to_keep=None)")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    layout.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return FlashSlothOutput(logits, loss, layout.attention_mask, layout.labels)
@@ -521,13 +527,15 @@ class FlashSloth(nn.Module):
         ``pad_token_id``. ``eos_token_id`` -1 means the config's, None means never stop.
         ``use_cache=False`` reruns the full sequence every step (the reference for the cache).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p: expected a float in (0, 1], got {top_p}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
             raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
         tcfg = self.config.text
         eos = tcfg.eos_token_id if eos_token_id == -1 else eos_token_id
@@ -549,9 +557,11 @@ class FlashSloth(nn.Module):
                     else torch.ones_like(ids, dtype=torch.bool))
             L0 = self.build_layout(ids, mask, None, question_mask, px is not None).length
             if L0 + max_new_tokens > tcfg.max_position_embeddings:
-                raise ValueError(f"sequence: {L0} prompt positions + max_new_tokens {max_new_tokens} "
-                                 f"exceed the context of {tcfg.max_position_embeddings}")
-            logits = self(px, ids, mask, question_mask=question_mask, logits_to_keep=1).logits[:, -1]
+                raise ValueError(f"sequence: {L0} prompt positions + max_new_tokens "
+                                 f"{max_new_tokens} exceed the context of "
+                                 f"{tcfg.max_position_embeddings}")
+            logits = self(px, ids, mask, question_mask=question_mask,
+                          logits_to_keep=1).logits[:, -1]
         out = []
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
@@ -568,7 +578,8 @@ class FlashSloth(nn.Module):
                 ids = torch.cat([ids, tok[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 if question_mask is not None:
-                    question_mask = torch.cat([question_mask, torch.zeros_like(question_mask[:, :1])], 1)
+                    question_mask = torch.cat(
+                        [question_mask, torch.zeros_like(question_mask[:, :1])], 1)
                 logits = self(px, ids, mask, question_mask=question_mask,
                               logits_to_keep=1).logits[:, -1]
         return torch.stack(out, 1)
@@ -590,7 +601,8 @@ class FlashSloth(nn.Module):
 
 def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
                 top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
-    """(B, V) float logits -> (B,) next tokens (argmax, or a sample after temperature/top-k/top-p)."""
+    """(B, V) float logits -> (B,) next tokens: argmax, or a sample after temperature, top-k
+    and top-p."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / temperature

@@ -29,7 +29,8 @@ import torch
 from .config import FlashSlothConfig
 
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.")
 IMAGE_MARKER = "<image>"
 SLOT_MARKER = "<learnable>"
 
@@ -47,28 +48,30 @@ def to_pil(image: ImageLike, name: str = "image"):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8:
-            raise TypeError(f"{name}: expected a uint8 tensor (pixel values 0..255), got {image.dtype}; "
-                            "pass float pixel values to the model directly instead")
+            raise TypeError(f"{name}: expected a uint8 tensor (pixel values 0..255), got "
+                            f"{image.dtype}; pass float pixel values to the model directly")
         array = image.detach().cpu().numpy()
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise TypeError(f"{name}: expected a uint8 array (pixel values 0..255), got {image.dtype}")
+            raise TypeError(f"{name}: expected a uint8 array (pixel values 0..255), "
+                            f"got {image.dtype}")
         array = image
     else:
-        raise TypeError(f"{name}: expected a PIL image or a uint8 tensor, got {type(image).__name__}")
+        raise TypeError(f"{name}: expected a PIL image or a uint8 tensor, "
+                        f"got {type(image).__name__}")
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
         raise ValueError(f"{name}: expected shape (H, W, C) or (C, H, W), got {tuple(array.shape)}")
-    # Channel-first when the first dim looks like channels and the last does not (torch layout)
-    if array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+    # Channel-first when the first dim looks like channels and the last does not; when both
+    # do, a torch tensor is taken as (C, H, W) (torch's layout), an array as (H, W, C)
+    first, last = array.shape[0] in (1, 3, 4), array.shape[2] in (1, 3, 4)
+    if first and (not last or isinstance(image, torch.Tensor)):
         array = np.transpose(array, (1, 2, 0))
-    elif array.shape[0] in (1, 3, 4) and array.shape[2] in (1, 3, 4) and isinstance(image, torch.Tensor):
-        array = np.transpose(array, (1, 2, 0))     # ambiguous: torch tensors are (C, H, W)
     H, W, C = array.shape
     if C not in (1, 3, 4):
-        raise ValueError(f"{name}: expected 1, 3 or 4 channels (grey, RGB, RGBA) in shape (H, W, C) "
-                         f"or (C, H, W), got shape {tuple(image.shape)}")
+        raise ValueError(f"{name}: expected 1, 3 or 4 channels (grey, RGB, RGBA) in shape "
+                         f"(H, W, C) or (C, H, W), got shape {tuple(image.shape)}")
     if H < 1 or W < 1:
         raise ValueError(f"{name}: empty image of shape {tuple(image.shape)}")
     array = np.ascontiguousarray(array)
@@ -112,7 +115,8 @@ def hd_views(pil, size: int, grid: int = 2, mean: Sequence[float] = (0.5, 0.5, 0
     return [squash(pil, size)] + tiles
 
 
-def preprocess_image(image: ImageLike, config: FlashSlothConfig, name: str = "image") -> torch.Tensor:
+def preprocess_image(image: ImageLike, config: FlashSlothConfig,
+                     name: str = "image") -> torch.Tensor:
     """One image -> (3, S, S) float32, or (5, 3, S, S) with ``config.hd``."""
     pil = to_pil(image, name)
     S = config.vision.image_size
@@ -133,7 +137,8 @@ def preprocess_images(images, config: FlashSlothConfig) -> torch.Tensor:
         images = [images]
     if len(images) == 0:
         raise ValueError("images: got an empty list")
-    return torch.stack([preprocess_image(im, config, f"images[{i}]") for i, im in enumerate(images)])
+    return torch.stack([preprocess_image(im, config, f"images[{i}]")
+                        for i, im in enumerate(images)])
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -162,7 +167,8 @@ class Tokenizer:
         try:
             self._tok = _HFTokenizer.from_file(file)
         except Exception as exc:
-            raise ValueError(f"tokenizer: cannot read {file!r} as a HF tokenizers file ({exc})") from exc
+            raise ValueError(f"tokenizer: cannot read {file!r} as a HF tokenizers file "
+                             f"({exc})") from exc
         self.path = file
 
     def token_to_id(self, token: str):
@@ -202,7 +208,7 @@ def parse_token_ids(text: str, config: FlashSlothConfig) -> List[int]:
             try:
                 ids.append(int(word))
             except ValueError:
-                raise ValueError(f"prompt: {word!r} is not a token id; without a tokenizer the prompt "
-                                 "must be token ids (integers) with the markers <image> and "
-                                 "<learnable>") from None
+                raise ValueError(f"prompt: {word!r} is not a token id; without a tokenizer the "
+                                 "prompt must be token ids (integers) with the markers <image> "
+                                 "and <learnable>") from None
     return ids

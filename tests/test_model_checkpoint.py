@@ -69,7 +69,8 @@ def test_sharded_save_and_dtype_on_load(tmp_path):
     model = tiny()
     model.save_pretrained(str(tmp_path), max_shard_bytes=200_000)
     names = sorted(os.listdir(tmp_path))
-    assert "model.safetensors.index.json" in names and sum(n.endswith(".safetensors") for n in names) > 2
+    assert "model.safetensors.index.json" in names
+    assert sum(n.endswith(".safetensors") for n in names) > 2
     loaded = FlashSloth.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     ref = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}

@@ -198,9 +198,9 @@ def test_multi_turn_question_spans():
         return orig(q, t, m, img)
 
     model.lqformer.forward = spy
-    I, S = cfg.image_token_id, cfg.query_token_id
-    #        prefix image nl  question slot  " ASSISTANT:" answer  role    question2 slot answer
-    ids = [5, I, 3, 7, 8, S, 20, 21, 22, 30, 31, 40, 41, S, 50]
+    img, slot = cfg.image_token_id, cfg.query_token_id
+    # prefix image nl question slot " ASSISTANT:" answer role question2 slot answer
+    ids = [5, img, 3, 7, 8, slot, 20, 21, 22, 30, 31, 40, 41, slot, 50]
     labels = [IGNORE_INDEX] * len(ids)
     for i in (7, 8, 14):                               # the answers' tokens
         labels[i] = ids[i]
@@ -357,7 +357,8 @@ def test_bad_input_raises_clear_errors():
     model = tiny()
     cfg = model.config
     px, ids = pixels(cfg), torch.tensor([prompt(cfg)])
-    with pytest.raises(ValueError, match=r"images: expected pixel values of shape \(B, 3, 84, 84\)"):
+    with pytest.raises(ValueError, match=r"images: expected pixel values of shape "
+                                         r"\(B, 3, 84, 84\)"):
         model(torch.randn(1, 3, 64, 64), ids)
     with pytest.raises(ValueError, match="batch"):
         model(pixels(cfg, 2), ids)

@@ -20,7 +20,8 @@ def random_image(w=50, h=31, mode="RGB"):
 
 def original_pipeline(pil, size):
     """The original's ImpImageProcessor steps, built from transformers' own transforms."""
-    from transformers.image_transforms import normalize, rescale, resize, to_channel_dimension_format
+    from transformers.image_transforms import (normalize, rescale, resize,
+                                               to_channel_dimension_format)
     from transformers.image_utils import ChannelDimension, PILImageResampling
 
     arr = np.asarray(pil.convert("RGB"))
@@ -77,7 +78,8 @@ def test_grey_and_rgba_become_rgb():
     assert out.shape == (3, 84, 84)
     torch.testing.assert_close(out[0], out[1])
     rgba = random_image(mode="RGBA")
-    torch.testing.assert_close(preprocess_image(rgba, CFG), preprocess_image(rgba.convert("RGB"), CFG))
+    torch.testing.assert_close(preprocess_image(rgba, CFG),
+                               preprocess_image(rgba.convert("RGB"), CFG))
 
 
 def test_bad_images_are_clear_errors():
@@ -98,7 +100,8 @@ def test_bad_images_are_clear_errors():
 def test_prompt_template():
     assert build_prompt("What is it?") == (
         SYSTEM_PROMPT + " USER: <image>\nWhat is it?<learnable> ASSISTANT:")
-    assert build_prompt("<image>\nQ<learnable>") == SYSTEM_PROMPT + " USER: <image>\nQ<learnable> ASSISTANT:"
+    assert build_prompt("<image>\nQ<learnable>") == (
+        SYSTEM_PROMPT + " USER: <image>\nQ<learnable> ASSISTANT:")
     assert "<learnable>" not in build_prompt("Q", with_slot=False)
 
 

@@ -34,7 +34,8 @@ def hf_phi(cfg: TextConfig):
     hf_cfg = transformers.PhiConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, partial_rotary_factor=cfg.partial_rotary_factor,
+        num_attention_heads=cfg.num_attention_heads,
+        partial_rotary_factor=cfg.partial_rotary_factor,
         rope_theta=cfg.rope_theta, layer_norm_eps=cfg.layer_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
         attention_dropout=0.0, hidden_act="gelu_new")
