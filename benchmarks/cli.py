@@ -54,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                    help="OLD.json: print the change of this run against it; OLD.json NEW.json: "
                         "compare two result files without running anything")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, usually one per core)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     if args.compare is not None and len(args.compare) > 2:
@@ -91,6 +93,10 @@ def _device(name: Optional[str]) -> torch.device:
 
 def make_config(args: argparse.Namespace) -> RunConfig:
     device = _device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -124,6 +130,18 @@ def build_cases(cfg: RunConfig, sections: List[str]) -> List[Case]:
 
         cases += train.cases(cfg)
     return cases
+
+
+def finalize(rows: List[Row], sections: List[str]) -> None:
+    """Per-section post-processing that needs every row (reductions against "none")."""
+    if "model" in sections:
+        from . import model
+
+        model.finalize(rows)
+    if "train" in sections:
+        from . import train
+
+        train.finalize(rows)
 
 
 def _print_table(console, t: Dict[str, object]) -> None:
@@ -181,6 +199,7 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
                 rows.append(error_row(case.section, case.name, exc))
             progress.advance(task)
         progress.update(task, description="done")
+    finalize(rows, sections)
     verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
     ctx["wall_s"] = round(time.perf_counter() - started, 1)
     data = report.payload(ctx, ceilings, rows, verdicts)

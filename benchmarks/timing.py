@@ -113,9 +113,12 @@ def _time_cpu(fns: Dict[str, Callable[[], object]], first_s: Dict[str, float],
     # A provider whose one call outlasts its share of the case's time (the original code's
     # window loop is 10-100x slower than the rest) is sampled only ``slow_samples`` times,
     # so it cannot eat the run's budget; the others keep their rounds.
+    # Its warm-up call counts as its first sample: one-off start-up costs are noise next to
+    # a call that long.
     share = budget.seconds / len(names)
-    cap = {n: budget.slow_samples if first_s[n] > share else budget.max_rounds for n in names}
-    samples: Dict[str, List[float]] = {n: [] for n in names}
+    slow = {n for n in names if first_s[n] > share}
+    cap = {n: budget.slow_samples if n in slow else budget.max_rounds for n in names}
+    samples: Dict[str, List[float]] = {n: [first_s[n]] if n in slow else [] for n in names}
     start = time.perf_counter()
     rounds = 0
     while True:
