@@ -37,7 +37,7 @@ struct AttnFwdPlan {
   int m_blocks;         // ceil(Lq / block_m): grid.y
   int num_splits;       // key ranges: grid.z; > 1 means partial results + the combine kernel
   int keys_per_split;
-  int acc_slots;        // fp32 accumulators per thread: block_m * Dv <= acc_slots * kAttnThreads
+  int acc_slots;        // fp32 accumulators per thread, 4..32: block_m * Dv <= acc_slots * 128
   size_t smem_bytes;    // dynamic shared memory of the forward kernel; 0 = does not fit
 };
 
@@ -61,8 +61,10 @@ inline AttnFwdPlan attn_fwd_make_plan(int64_t BH, int Lq, int Lk, int Dk, int Dv
                                       int requested_splits, int sm_count, int max_smem_bytes) {
   AttnFwdPlan p{};
   p.block_m = Lq < kAttnMaxBlockM ? Lq : kAttnMaxBlockM;
+  // 4, 8, 16 or 32 (16 rows of Dv = 256); fewer slots would not save registers, only
+  // instantiations to compile.
   const int need = attn_ceil_div(static_cast<int64_t>(p.block_m) * Dv, kAttnThreads);
-  p.acc_slots = 1;
+  p.acc_slots = 4;
   while (p.acc_slots < need) p.acc_slots *= 2;
   p.block_n = kAttnMaxBlockN;
   while (p.block_n > kAttnMinBlockN &&

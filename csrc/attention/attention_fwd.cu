@@ -36,10 +36,6 @@ cudaError_t launch_fwd(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t 
 template <typename T>
 cudaError_t launch_fwd_any_acc(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t stream) {
   switch (p.acc_slots) {
-    case 1:
-      return launch_fwd<T, 1>(a, p, stream);
-    case 2:
-      return launch_fwd<T, 2>(a, p, stream);
     case 4:
       return launch_fwd<T, 4>(a, p, stream);
     case 8:
