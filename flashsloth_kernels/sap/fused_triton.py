@@ -51,6 +51,7 @@ interpreter accepts no multi-config autotuning without a GPU driver).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -439,6 +440,14 @@ def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1).to(dtype).contiguous()
 
 
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's for the call (no-op when it
+    already is, and on CPU under the interpreter)."""
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _empties(x: Tensor, n: int) -> Tuple[Tensor, ...]:
     # distinct objects: the op's alias check rejects one tensor returned twice, even empty
     return tuple(x.new_empty(0) for _ in range(n))
@@ -453,18 +462,19 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
     and ignored: it shifts every score of a window equally, which the softmax cancels.
     Launches: the scorer GEMM and the pooling kernel.
     """
-    B, N, C = x.shape
-    Gh, Gw = triton.cdiv(H, kh), triton.cdiv(W, kw)
-    G = Gh * Gw
-    s_part = _scores(x, w1, _vec(b1, x.dtype), _vec(w2, x.dtype), dropout_mask, dropout_scale)
-    out = torch.empty((B, G, C), dtype=x.dtype, device=x.device)
-    win_p, block_c, num_warps = _pool_meta(kh, kw, C)
-    _sap_fwd_pool_kernel[(B * G,)](
-        x, s_part, out, B * N, N, C, H, W, Gw, G, s_part.shape[0],
-        x.stride(0), x.stride(1), x.stride(2),
-        KH=kh, KW=kw, WIN_P=win_p, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return out
+    with _on_device(x):
+        B, N, C = x.shape
+        Gh, Gw = triton.cdiv(H, kh), triton.cdiv(W, kw)
+        G = Gh * Gw
+        s_part = _scores(x, w1, _vec(b1, x.dtype), _vec(w2, x.dtype), dropout_mask, dropout_scale)
+        out = torch.empty((B, G, C), dtype=x.dtype, device=x.device)
+        win_p, block_c, num_warps = _pool_meta(kh, kw, C)
+        _sap_fwd_pool_kernel[(B * G,)](
+            x, s_part, out, B * N, N, C, H, W, Gw, G, s_part.shape[0],
+            x.stride(0), x.stride(1), x.stride(2),
+            KH=kh, KW=kw, WIN_P=win_p, BLOCK_C=block_c, num_warps=num_warps,
+        )
+        return out
 
 
 def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -478,57 +488,58 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     unless need_w. db1 and db2 are returned even when b1 / b2 is None (the op drops them).
     Scratch: one (B*N, Ch) buffer in x's dtype, freed on return.
     Launches: scorer GEMM (recompute), window backward, dz + reductions, then cuBLAS for
-    dW1 and dx, and one sum over the reduction partials.
+    dW1 and dx, and three small sums over the reduction partials.
     """
-    B, N, C = x.shape
-    Ch = w1.shape[0]
-    M = B * N
-    Gh, Gw = triton.cdiv(H, kh), triton.cdiv(W, kw)
-    G = Gh * Gw
-    if not (need_x or need_w):
-        return _empties(x, 5)
-    dev = x.device
-    b1c, w2c = _vec(b1, x.dtype), _vec(w2, x.dtype)
-    w1c = w1 if w1.dtype == x.dtype else w1.to(x.dtype)
-    grad_out = grad_out.to(x.dtype).contiguous()
+    with _on_device(x):
+        B, N, C = x.shape
+        Ch = w1.shape[0]
+        M = B * N
+        Gh, Gw = triton.cdiv(H, kh), triton.cdiv(W, kw)
+        G = Gh * Gw
+        if not (need_x or need_w):
+            return _empties(x, 5)
+        dev = x.device
+        b1c, w2c = _vec(b1, x.dtype), _vec(w2, x.dtype)
+        w1c = w1 if w1.dtype == x.dtype else w1.to(x.dtype)
+        grad_out = grad_out.to(x.dtype).contiguous()
 
-    # 1. recompute: scores, and the activations kept for dz / dw2
-    act = torch.empty((M, Ch), dtype=x.dtype, device=dev)
-    s_part = _scores(x, w1c, b1c, w2c, dropout_mask, dropout_scale, act=act)
+        # 1. recompute: scores, and the activations kept for dz / dw2
+        act = torch.empty((M, Ch), dtype=x.dtype, device=dev)
+        s_part = _scores(x, w1c, b1c, w2c, dropout_mask, dropout_scale, act=act)
 
-    # 2. window softmax backward: ds, and the direct term of dx
-    ds = torch.empty((M,), dtype=torch.float32, device=dev)
-    dx = torch.empty((B, N, C), dtype=x.dtype, device=dev) if need_x else ds
-    win_p, block_c, num_warps = _pool_meta(kh, kw, C)
-    _sap_bwd_pool_kernel[(B * G,)](
-        x, s_part, grad_out, ds, dx, M, N, C, H, W, Gw, G, s_part.shape[0],
-        x.stride(0), x.stride(1), x.stride(2),
-        NEED_X=need_x, KH=kh, KW=kw, WIN_P=win_p, BLOCK_C=block_c, num_warps=num_warps,
-    )
+        # 2. window softmax backward: ds, and the direct term of dx
+        ds = torch.empty((M,), dtype=torch.float32, device=dev)
+        dx = torch.empty((B, N, C), dtype=x.dtype, device=dev) if need_x else ds
+        win_p, block_c, num_warps = _pool_meta(kh, kw, C)
+        _sap_bwd_pool_kernel[(B * G,)](
+            x, s_part, grad_out, ds, dx, M, N, C, H, W, Gw, G, s_part.shape[0],
+            x.stride(0), x.stride(1), x.stride(2),
+            NEED_X=need_x, KH=kh, KW=kw, WIN_P=win_p, BLOCK_C=block_c, num_warps=num_warps,
+        )
 
-    # 3. dz over act in place, with the db1 / dw2 / db2 partial sums
-    n_col = triton.cdiv(Ch, _DZ_BLOCK_N)
-    splits = max(1, min(triton.cdiv(M, _DZ_BLOCK_M), triton.cdiv(_target_programs(dev), n_col)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), _DZ_BLOCK_M) * _DZ_BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, 2 * Ch + 1), dtype=torch.float32, device=dev) if need_w else ds
-    scale = float(dropout_scale) if dropout_mask is not None else 1.0
-    _sap_bwd_dz_kernel[(n_col, splits)](
-        act, ds, w2c, part, M, Ch, rows_per_split, scale,
-        NEED_W=need_w, BLOCK_M=_DZ_BLOCK_M, BLOCK_N=_DZ_BLOCK_N, num_warps=4,
-    )
-    dz = act
+        # 3. dz over act in place, with the db1 / dw2 / db2 partial sums
+        n_col = triton.cdiv(Ch, _DZ_BLOCK_N)
+        splits = max(1, min(triton.cdiv(M, _DZ_BLOCK_M), triton.cdiv(_target_programs(dev), n_col)))
+        rows_per_split = triton.cdiv(triton.cdiv(M, splits), _DZ_BLOCK_M) * _DZ_BLOCK_M
+        splits = triton.cdiv(M, rows_per_split)
+        part = torch.empty((splits, 2 * Ch + 1), dtype=torch.float32, device=dev) if need_w else ds
+        scale = float(dropout_scale) if dropout_mask is not None else 1.0
+        _sap_bwd_dz_kernel[(n_col, splits)](
+            act, ds, w2c, part, M, Ch, rows_per_split, scale,
+            NEED_W=need_w, BLOCK_M=_DZ_BLOCK_M, BLOCK_N=_DZ_BLOCK_N, num_warps=4,
+        )
+        dz = act
 
-    # 4. the two gradient GEMMs through the vendor BLAS
-    if need_x:
-        dx.view(M, C).addmm_(dz, w1c)
-    else:
-        (dx,) = _empties(x, 1)
-    if need_w:
-        dw1 = torch.mm(dz.t(), x.reshape(M, C)).to(w1.dtype)
-        # three separate sums, not views of one: a custom op's outputs may not alias
-        db1 = part[:, :Ch].sum(0).to(w1.dtype if b1 is None else b1.dtype)
-        dw2 = part[:, Ch:2 * Ch].sum(0).to(w2.dtype)
-        db2 = part[:, 2 * Ch:].sum(0).to(w2.dtype if b2 is None else b2.dtype)
-        return dx, dw1, db1, dw2, db2
-    return (dx, *_empties(x, 4))
+        # 4. the two gradient GEMMs through the vendor BLAS
+        if need_x:
+            dx.view(M, C).addmm_(dz, w1c)
+        else:
+            (dx,) = _empties(x, 1)
+        if need_w:
+            dw1 = torch.mm(dz.t(), x.reshape(M, C)).to(w1.dtype)
+            # three separate sums, not views of one: a custom op's outputs may not alias
+            db1 = part[:, :Ch].sum(0).to(w1.dtype if b1 is None else b1.dtype)
+            dw2 = part[:, Ch:2 * Ch].sum(0).to(w2.dtype)
+            db2 = part[:, 2 * Ch:].sum(0).to(w2.dtype if b2 is None else b2.dtype)
+            return dx, dw1, db1, dw2, db2
+        return (dx, *_empties(x, 4))
