@@ -47,7 +47,8 @@ def _fix_interpreter_scalar_index() -> None:
     int(array), which NumPy 2.4 made a TypeError (triton-lang/triton#9171, fixed upstream
     after 3.6). Every ``range(start, end)`` over kernel arguments then fails. This applies
     the upstream fix (take the single element) for the interpreter only; compiled kernels
-    never see it. Process-wide, so it also serves other kernels run in the interpreter.
+    never see it. The same shim lives in sap/fused_triton.py: the ``_scalar_index_fixed``
+    marker makes whichever runs second a no-op.
     """
     import numpy as np
     from triton.runtime import interpreter
@@ -83,20 +84,15 @@ _DEFAULT_SM_COUNT = 132
 _SPLIT_BELOW_PROGRAMS_PER_SM = 2
 # With a split, aim for about this many programs per SM (memory latency hiding).
 _TARGET_PROGRAMS_PER_SM = 4
-# Shared-memory budget (bytes) for the pipelined K/V tiles of one forward program; smaller
-# than the SM's 228 KB so that several programs fit on one SM.
-_FWD_SMEM_BUDGET = 80 * 1024
+# Shared-memory budget (bytes) for the pipelined K/V tiles of one forward program; a
+# fraction of the SM's 228 KB so that several programs fit on one SM.
+_FWD_SMEM_BUDGET = 64 * 1024
 _MAX_SPLITS = 128
 
 
 def _pad_dim(d: int) -> int:
     """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16 for 16-bit inputs)."""
     return max(16, triton.next_power_of_2(d))
-
-
-def _block_m(lq: int) -> int:
-    # tl.dot needs M >= 16; past 64 rows a query tile costs registers without saving traffic.
-    return min(64, max(16, triton.next_power_of_2(lq)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,15 +119,38 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(dk_pad: int, dv_pad: int, elem: int) -> Tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the forward kernel for padded head dims."""
-    block_n = 128
-    # K and V tiles of every pipeline stage live in shared memory.
-    while block_n > 32 and 2 * block_n * (dk_pad + dv_pad) * elem > _FWD_SMEM_BUDGET:
-        block_n //= 2
-    stages = 3 if 3 * block_n * (dk_pad + dv_pad) * elem <= _FWD_SMEM_BUDGET else 2
-    num_warps = 4 if dv_pad <= 128 else 8
-    return block_n, num_warps, stages
+def _fwd_config(lq: int, dk_pad: int, dv_pad: int, elem: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel.
+
+    Chosen from sm_90 compiles (register count, no spills): 16-bit dots run on tensor cores
+    with K/V tiles in shared memory; fp32 dots (input_precision="ieee") run on FMA units
+    with their operands in registers, so fp32 gets smaller tiles.
+    """
+    wide = dk_pad + dv_pad
+    if elem == 4:
+        block_m = 16
+        block_n = 64 if wide <= 128 else (32 if wide <= 256 else 16)
+        num_warps = 4 if wide <= 128 else 8
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(lq)))
+        block_n = 64 if wide <= 128 else 32
+        num_warps = 4 if wide <= 128 and block_m <= 32 else 8
+    # The K and V tiles of every pipeline stage live in shared memory.
+    num_stages = 3 if 3 * block_n * wide * elem <= _FWD_SMEM_BUDGET else 2
+    return block_m, block_n, num_warps, num_stages
+
+
+def _bwd_config(dk_pad: int, dv_pad: int, elem: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel (sm_90 compiles without spills).
+
+    The dk, dv accumulators of BLOCK_N keys stay in registers; query blocks are looped over.
+    """
+    wide = dk_pad + dv_pad
+    if elem == 4:
+        block_n = 32 if wide <= 128 else 16
+    else:
+        block_n = 64 if wide <= 128 else (32 if wide <= 256 else 16)
+    return 16, block_n, 8
 
 
 def _choose_splits(programs: int, lk: int, block_n: int, device: torch.device) -> int:
@@ -156,7 +175,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, keys_per_split, num_splits, qk_scale,
-    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -164,6 +183,7 @@ def _attn_fwd_kernel(
     """One (batch*head, query block, key split) program: online softmax over its keys.
 
     qk_scale = scale * log2(e): the running max, sums and lse are kept in base 2 (exp2).
+    stride_k{b,h,n} / stride_v{b,h,n} are in units of K_ALIGN / V_ALIGN elements.
     SPLIT: write (lse2, out normalised by its own sum) of this split to PartLse (B*H, S, Lq)
     and PartO (B*H, S, Lq, HEAD_DV), fp32; else write Out (q's dtype) and Lse (natural log).
     """
@@ -184,8 +204,11 @@ def _attn_fwd_kernel(
               + offs_m[:, None] * stride_qm + offs_dk[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    # K/V row offsets are multiples of K_ALIGN / V_ALIGN elements (their strides arrive
+    # divided by it): that lets Triton vectorise the loads (and pipeline them with cp.async)
+    # for rows of 18 or 36 elements, whose strides are not multiples of 16.
+    k_base = K + (b * stride_kb + h * stride_kh) * K_ALIGN
+    v_base = V + (b * stride_vb + h * stride_vh) * V_ALIGN
     m_base = Mask + b * stride_mb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -197,9 +220,9 @@ def _attn_fwd_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs_n < end
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+        k = tl.load(k_base + (offs_n * stride_kn * K_ALIGN)[:, None] + offs_dk[None, :] * stride_kd,
                     mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(v_base + (offs_n * stride_vn * V_ALIGN)[:, None] + offs_dv[None, :] * stride_vd,
                     mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         if HAS_MASK:
             attend = tl.load(m_base + offs_n * stride_mn, mask=key_ok, other=0)
@@ -295,7 +318,8 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqs, stride_dqm,
     H, Lq, Lk, sm_scale,
-    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -305,6 +329,7 @@ def _attn_bwd_dkdv_kernel(
     dv = p^T dO, ds = p (dO v^T - delta), dk = scale ds^T q, dq_share = scale ds k.
     DQ: (B, H, n_key_blocks, Lq, HEAD_DK) fp32 shares (strides given; the last is 1), or,
     with a single key block, dq itself in q's dtype (stride_dqs unused).
+    stride_k{b,h,n} / stride_v{b,h,n} are in units of K_ALIGN / V_ALIGN elements.
     """
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -318,11 +343,11 @@ def _attn_bwd_dkdv_kernel(
     dv_ok = offs_dv < HEAD_DV
     key_ok = offs_n < Lk
 
-    k = tl.load(K + b * stride_kb + h * stride_kh
-                + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+    k = tl.load(K + (b * stride_kb + h * stride_kh) * K_ALIGN
+                + (offs_n * stride_kn * K_ALIGN)[:, None] + offs_dk[None, :] * stride_kd,
                 mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh
-                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + (b * stride_vb + h * stride_vh) * V_ALIGN
+                + (offs_n * stride_vn * V_ALIGN)[:, None] + offs_dv[None, :] * stride_vd,
                 mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
     if HAS_MASK:
         attend = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
@@ -392,6 +417,20 @@ def _attn_bwd_dq_reduce_kernel(
     tl.store(DQ + pid_bh * Lq * HEAD_DK + tile, acc.to(DQ.dtype.element_ty), mask=ok)
 
 
+def _row_strides(t: Tensor) -> Tuple[int, int, int, int, int]:
+    """(align, stride_b, stride_h, stride_n in units of align, stride_d) of a 4-D tensor.
+
+    align: the largest power of two <= 16 bytes (in elements) dividing the batch, head and
+    row strides, so every row starts on an align-element boundary (dims of size 1 never
+    move, so their strides do not count).
+    """
+    strides = [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3])]
+    align = 16 // t.element_size()
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return (align, strides[0] // align, strides[1] // align, strides[2] // align, t.stride(3))
+
+
 def _mask_args(key_padding_mask: Optional[Tensor], q: Tensor):
     """(pointer tensor, stride_b, stride_n, HAS_MASK). bool is read as uint8 (a view, no copy)."""
     if key_padding_mask is None:
@@ -419,8 +458,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     B, H, Lq, Dk = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dk_pad, dv_pad = _pad_dim(Dk), _pad_dim(Dv)
-    block_m = _block_m(Lq)
-    bn, num_warps, num_stages = _fwd_config(dk_pad, dv_pad, q.element_size())
+    block_m, bn, num_warps, num_stages = _fwd_config(Lq, dk_pad, dv_pad, q.element_size())
     if block_n is not None:
         bn = block_n
     n_mblocks = triton.cdiv(Lq, block_m)
@@ -441,12 +479,15 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
         part_lse = torch.empty((B * H, num_splits, Lq), dtype=torch.float32, device=q.device)
     else:
         part_o, part_lse = out, lse
+    k_align, *k_strides = _row_strides(k)
+    v_align, *v_strides = _row_strides(v)
     with _device_guard(q):
         _attn_fwd_kernel[(B * H, n_mblocks, num_splits)](
             q, k, v, mask_t, out, lse, part_o, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
+            *q.stride(), *k_strides, *v_strides, smb, smn, *out.stride(),
             H, Lq, Lk, keys_per_split, num_splits, scale * _LOG2E,
-            HEAD_DK=Dk, HEAD_DV=Dv, HAS_MASK=has_mask, SPLIT=split,
+            HEAD_DK=Dk, HEAD_DV=Dv, K_ALIGN=k_align, V_ALIGN=v_align,
+            HAS_MASK=has_mask, SPLIT=split,
             BLOCK_M=block_m, BLOCK_N=bn, DK_PAD=dk_pad, DV_PAD=dv_pad,
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
@@ -459,16 +500,6 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
                 num_warps=4 if dv_pad <= 64 else 8,
             )
     return out, lse
-
-
-def _bwd_config(lq: int, dk_pad: int, dv_pad: int, elem: int) -> Tuple[int, int]:
-    """(BLOCK_N, num_warps) of the backward kernel: dk and dv accumulators stay in registers."""
-    block_n = 64 if dk_pad + dv_pad <= 256 else 32
-    # fp32 accumulators dk, dv plus the K/V tiles, in 32-bit registers: keep them under
-    # ~96 a thread (128 threads with 4 warps).
-    regs = block_n * (dk_pad + dv_pad) * (4 + elem) // 4
-    num_warps = 4 if regs <= 96 * 128 else 8
-    return block_n, num_warps
 
 
 def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
@@ -486,8 +517,7 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     B, H, Lq, Dk = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dk_pad, dv_pad = _pad_dim(Dk), _pad_dim(Dv)
-    block_m = _block_m(Lq)
-    bn, num_warps = _bwd_config(Lq, dk_pad, dv_pad, q.element_size())
+    block_m, bn, num_warps = _bwd_config(dk_pad, dv_pad, q.element_size())
     if block_n is not None:
         bn = block_n
     n_kblocks = triton.cdiv(Lk, bn)
@@ -504,13 +534,15 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         dq_buf = torch.empty((B, H, n_kblocks, Lq, Dk), dtype=torch.float32, device=q.device)
         dq_strides = dq_buf.stride()[:4]
     mask_t, smb, smn, has_mask = _mask_args(key_padding_mask, q)
+    k_align, *k_strides = _row_strides(k)
+    v_align, *v_strides = _row_strides(v)
     with _device_guard(q):
         _attn_bwd_dkdv_kernel[(B * H, n_kblocks)](
             q, k, v, mask_t, out, grad_out, lse, dq_buf, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(), *grad_out.stride(),
+            *q.stride(), *k_strides, *v_strides, smb, smn, *out.stride(), *grad_out.stride(),
             *dq_strides,
             H, Lq, Lk, scale,
-            HEAD_DK=Dk, HEAD_DV=Dv, HAS_MASK=has_mask,
+            HEAD_DK=Dk, HEAD_DV=Dv, K_ALIGN=k_align, V_ALIGN=v_align, HAS_MASK=has_mask,
             BLOCK_M=block_m, BLOCK_N=bn, DK_PAD=dk_pad, DV_PAD=dv_pad,
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=num_warps, num_stages=1,
@@ -518,6 +550,6 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         if n_kblocks > 1:
             _attn_bwd_dq_reduce_kernel[(B * H, triton.cdiv(Lq, block_m))](
                 dq_buf, dq, Lq, n_kblocks,
-                HEAD_DK=Dk, BLOCK_M=block_m, DK_PAD=dk_pad, num_warps=4,
+                HEAD_DK=Dk, BLOCK_M=block_m, DK_PAD=dk_pad, num_warps=4 if dk_pad <= 64 else 8,
             )
     return dq, dk, dv
