@@ -116,7 +116,7 @@ def _time_cpu(fns: Dict[str, Callable[[], object]], first_s: Dict[str, float],
     # Its warm-up call counts as its first sample: one-off start-up costs are noise next to
     # a call that long.
     share = budget.seconds / len(names)
-    slow = {n for n in names if first_s[n] > share}
+    slow = {n for n in names if share > 0 and first_s[n] > share}
     cap = {n: budget.slow_samples if n in slow else budget.max_rounds for n in names}
     samples: Dict[str, List[float]] = {n: [first_s[n]] if n in slow else [] for n in names}
     start = time.perf_counter()
