@@ -51,6 +51,9 @@ class KVCache:
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, H, T, hd) new keys/values at [length, length + T); return all keys so far."""
         start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {self.length} cached + {k.shape[2]} new tokens exceed "
+                             f"its max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -58,18 +61,9 @@ class KVCache:
     def advance(self, attention_mask: Tensor) -> None:
         """After all layers ran on T new tokens: mark them (attention_mask (B, T) bool)."""
         T = attention_mask.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"KVCache: {self.length} + {T} tokens exceed max_len {self.max_len}")
         self.key_mask[:, self.length:self.length + T] = attention_mask
         self.length += T
         self.next_position = self.key_mask[:, :self.length].sum(1)
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (e.g. to drop finished sequences)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.key_mask = self.key_mask.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
 
 
 def rotary_cos_sin(position_ids: Tensor, rotary_dim: int, theta: float,
