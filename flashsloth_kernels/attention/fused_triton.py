@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -73,8 +72,9 @@ def _fix_interpreter_scalar_index() -> None:
 if _env.triton_interpret():
     _fix_interpreter_scalar_index()
 
+# Softmax runs in base 2 (exp2 / log2): logits are pre-scaled by log2(e), lse is converted back
+# with ln(2) (the kernels spell both constants out: Triton reads no Python globals).
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 # Launch heuristics (tune on the GPU; the benchmark measures them).
 # The SM count assumed when the tensors are not on a GPU (interpreter): an H100's.
@@ -431,6 +431,15 @@ def _row_strides(t: Tensor) -> Tuple[int, int, int, int, int]:
     return (align, strides[0] // align, strides[1] // align, strides[2] // align, t.stride(3))
 
 
+def _int32_rows(t: Tensor) -> Tensor:
+    """t itself, or a contiguous copy when its in-head row offsets (row * stride) could pass
+    int32: the kernels index rows with 32-bit products and only the (batch, head) base in
+    64 bits. Copies only for extreme layouts (e.g. millions of keys interleaved with heads)."""
+    if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) < 2**31:
+        return t
+    return t.contiguous()
+
+
 def _mask_args(key_padding_mask: Optional[Tensor], q: Tensor):
     """(pointer tensor, stride_b, stride_n, HAS_MASK). bool is read as uint8 (a view, no copy)."""
     if key_padding_mask is None:
@@ -457,6 +466,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     """
     B, H, Lq, Dk = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
+    q, k, v = _int32_rows(q), _int32_rows(k), _int32_rows(v)
     dk_pad, dv_pad = _pad_dim(Dk), _pad_dim(Dv)
     block_m, bn, num_warps, num_stages = _fwd_config(Lq, dk_pad, dv_pad, q.element_size())
     if block_n is not None:
@@ -516,6 +526,8 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     """
     B, H, Lq, Dk = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
+    q, k, v = _int32_rows(q), _int32_rows(k), _int32_rows(v)
+    grad_out, out = _int32_rows(grad_out), _int32_rows(out)
     dk_pad, dv_pad = _pad_dim(Dk), _pad_dim(Dv)
     block_m, bn, num_warps = _bwd_config(dk_pad, dv_pad, q.element_size())
     if block_n is not None:
