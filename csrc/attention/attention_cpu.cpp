@@ -100,6 +100,15 @@ const Kernels& kernels() {
 constexpr int64_t kTargetUnits = 16;
 constexpr int64_t kMinSplitKeys = 256;
 constexpr int64_t kQuerySuperblock = 64;
+// Below this many multiply-adds a parallel region costs more than it saves (and on a busy
+// machine far more): such calls run on the calling thread.
+constexpr int64_t kMinParallelWork = 1 << 16;
+
+// Units per parallel task, so that tiny problems (gradcheck, Lk = 1) stay serial.
+int64_t grain_for(int64_t units, int64_t work_per_unit) {
+  const int64_t per = std::max<int64_t>(1, work_per_unit);
+  return std::max<int64_t>(1, std::min(units, (kMinParallelWork + per - 1) / per));
+}
 
 void choose_split(Shape& s) {
   const int64_t bh = s.B * s.H;
@@ -200,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   const DType dt = dtype_of(q);
   const FwdFn fwd = kernels().fwd;
   const int64_t units = s.B * s.H * s.nqsb * s.nsplit;
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(units, s.qsb_len * s.split_len * (s.Dk + s.Dv));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) fwd(P, dt, u);
   });
   if (s.nsplit > 1) {
@@ -212,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
       const acc_t* pl = part_lse.data_ptr<acc_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       acc_t* l = lse.data_ptr<acc_t>();
-      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      const int64_t merge_grain = grain_for(rows, s.nsplit * s.Dv);
+      at::parallel_for(0, rows, merge_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           acc_t m = -std::numeric_limits<acc_t>::infinity();
           for (int64_t sp = 0; sp < s.nsplit; ++sp) m = std::max(m, pl[sp * rows + r]);
@@ -296,7 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   }
   const DType dt = dtype_of(q);
   const BwdFn bwd = kernels().bwd;
-  at::parallel_for(0, s.B * s.H * s.nsplit, 1, [&](int64_t begin, int64_t end) {
+  const int64_t units = s.B * s.H * s.nsplit;
+  const int64_t grain = grain_for(units, 2 * s.Lq * s.split_len * (s.Dk + s.Dv));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) bwd(P, dt, u);
   });
   if (s.nsplit > 1) {
@@ -306,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t* src = part_dq.data_ptr<acc_t>();
       scalar_t* dst = dq.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, grain_for(n, s.nsplit), [&](int64_t begin, int64_t end) {
         for (int64_t e = begin; e < end; ++e) {
           acc_t x = 0;
           for (int64_t sp = 0; sp < s.nsplit; ++sp) x += src[sp * n + e];

@@ -87,7 +87,9 @@ def _attn_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
         lse = q.new_full((B, H, Lq), math.inf, dtype=_lse_dtype(q.dtype))
         return out, lse
     fwd, _ = _host(backend)
-    return fwd(q, k, v, key_padding_mask, scale)
+    out, lse = fwd(q, k, v, key_padding_mask, scale)
+    # the fake kernel promises contiguous outputs (no-ops for the backends' own buffers)
+    return out.contiguous(), lse.contiguous()
 
 
 @_attn_op.register_fake
@@ -102,14 +104,16 @@ def _attn_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  key_padding_mask: Optional[Tensor], scale: float, out: Tensor, lse: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if _degenerate(q, k, v):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     _, bwd = _host(backend)
-    return bwd(grad_out, q, k, v, key_padding_mask, scale, out, lse)
+    dq, dk, dv = bwd(grad_out, q, k, v, key_padding_mask, scale, out, lse)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_attn_bwd_op.register_fake
 def _(grad_out, q, k, v, key_padding_mask, scale, out, lse, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, whatever the inputs' strides: what every backend returns
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
