@@ -526,8 +526,9 @@ int emu_sap_epilogue(int dtype, void* z, void* x, void* b1, void* w2, void* b2, 
 }
 int emu_attn_plan(long BH, int Lq, int Lk, int Dk, int Dv, int req, int sm, int smem, long* o) {
   const AttnFwdPlan p = attn_fwd_make_plan(BH, Lq, Lk, Dk, Dv, req, sm, smem);
-  o[0] = p.block_m; o[1] = p.block_n; o[2] = p.log2_block_n; o[3] = p.m_blocks;
-  o[4] = p.num_splits; o[5] = p.keys_per_split; o[6] = p.acc_slots; o[7] = (long)p.smem_bytes;
+  o[0] = p.block_m; o[1] = p.block_n; o[2] = p.m_blocks; o[3] = p.num_splits;
+  o[4] = p.keys_per_split; o[5] = p.rows_per_thread; o[6] = (long)p.smem_bytes;
+  o[7] = attn_pv_groups(Dv);
   return 0;
 }
 int emu_attn_fwd(int dtype, void* q, void* k, void* v, void* mask, void* out, float* lse,
@@ -695,8 +696,8 @@ class _Emulated:
     def plan(self, BH, Lq, Lk, Dk, Dv, req=0, sm=132, smem=227 * 1024):
         o = (ctypes.c_long * 8)()
         self.lib.emu_attn_plan(ctypes.c_long(BH), Lq, Lk, Dk, Dv, req, sm, smem, o)
-        keys = ("block_m", "block_n", "log2_block_n", "m_blocks", "num_splits", "keys_per_split",
-                "acc_slots", "smem_bytes")
+        keys = ("block_m", "block_n", "m_blocks", "num_splits", "keys_per_split",
+                "rows_per_thread", "smem_bytes", "pv_groups")
         return dict(zip(keys, list(o)))
 
     def sap_fwd(self, x, w1, b1, w2, b2, kh, kw, H, W, mask, scale, images_per_chunk=0):
@@ -743,15 +744,17 @@ def _emu_plan_checks(emu: _Emulated) -> None:
                 for smem in (99 * 1024, 163 * 1024, 227 * 1024):
                     p = emu.plan(64, Lq, 729, Dk, Dv, smem=smem)
                     assert 0 < p["smem_bytes"] <= smem, (Dk, Dv, Lq, smem, p)
-                    assert p["block_m"] == min(Lq, 16) and p["block_n"] in (16, 32, 64)
-                    assert p["block_n"] == 1 << p["log2_block_n"]
-                    assert p["block_m"] * Dv <= p["acc_slots"] * 128 and p["acc_slots"] in (4, 8, 16, 32)
+                    assert p["block_m"] == min(Lq, 16) and p["block_n"] in (16, 32, 64, 128)
+                    assert p["rows_per_thread"] in (1, 2, 4, 8)
+                    assert p["rows_per_thread"] * p["pv_groups"] >= p["block_m"]
+                    assert p["pv_groups"] * -(-Dv // 4) <= 128
                     assert p["m_blocks"] * p["block_m"] >= Lq
     # EmbQ at batch 1 (32 heads): keys split across about 4 blocks per SM on 132 SMs.
     p = emu.plan(32, 9, 729, 18, 36)
     assert p["num_splits"] == 12 and p["keys_per_split"] == 64, p
-    # batch 64: 2048 blocks already fill the GPU; no split, one launch.
-    assert emu.plan(2048, 9, 729, 18, 36)["num_splits"] == 1
+    # batch 64: 2048 blocks already fill the GPU; no split, one launch, 128-key tiles.
+    p = emu.plan(2048, 9, 729, 18, 36)
+    assert p["num_splits"] == 1 and p["block_n"] == 128, p
     # a requested split count covers Lk with ranges of ceil(Lk / n) keys, at most n of them
     for Lk, req in ((5, 4), (729, 7), (1, 3), (200, 128)):
         p = emu.plan(2, 3, Lk, 8, 8, req)

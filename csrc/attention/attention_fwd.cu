@@ -16,9 +16,9 @@ namespace {
 constexpr size_t kDefaultSmemBytes = 48 * 1024;  // dynamic shared memory without an opt-in
 constexpr int kMaxDevices = 64;
 
-template <typename T, int ACC>
+template <typename T, int RPT>
 cudaError_t launch_fwd(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t stream) {
-  auto kernel = attn_detail::attn_fwd_kernel<T, ACC>;
+  auto kernel = attn_detail::attn_fwd_kernel<T, RPT>;
   if (p.smem_bytes > kDefaultSmemBytes) {
     // Large head dims: opt in to more shared memory (idempotent, and cheap next to a launch).
     const cudaError_t err = cudaFuncSetAttribute(
@@ -27,23 +27,25 @@ cudaError_t launch_fwd(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t 
   }
   const dim3 grid(static_cast<unsigned int>(a.BH), static_cast<unsigned int>(p.m_blocks),
                   static_cast<unsigned int>(p.num_splits));
+  using attn_detail::IntDivider;
   kernel<<<grid, kAttnThreads, p.smem_bytes, stream>>>(
-      a, p, attn_detail::IntDivider::make(static_cast<unsigned int>(a.Dk)),
-      attn_detail::IntDivider::make(static_cast<unsigned int>(a.Dv)));
+      a, p, IntDivider::make(static_cast<unsigned int>(a.Dk)),
+      IntDivider::make(static_cast<unsigned int>(a.Dv)),
+      IntDivider::make(static_cast<unsigned int>(attn_round4(a.Dk))));
   return cudaSuccess;
 }
 
 template <typename T>
-cudaError_t launch_fwd_any_acc(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t stream) {
-  switch (p.acc_slots) {
+cudaError_t launch_fwd_any_rows(const AttnFwdArgs& a, const AttnFwdPlan& p, cudaStream_t stream) {
+  switch (p.rows_per_thread) {
+    case 1:
+      return launch_fwd<T, 1>(a, p, stream);
+    case 2:
+      return launch_fwd<T, 2>(a, p, stream);
     case 4:
       return launch_fwd<T, 4>(a, p, stream);
     case 8:
       return launch_fwd<T, 8>(a, p, stream);
-    case 16:
-      return launch_fwd<T, 16>(a, p, stream);
-    case 32:  // block_m = 16 rows of Dv = 256
-      return launch_fwd<T, 32>(a, p, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -60,10 +62,11 @@ cudaError_t launch_combine(const AttnCombineArgs& a, cudaStream_t stream) {
 bool plan_fits(const AttnFwdArgs& a, const AttnFwdPlan& p) {
   return a.BH >= 1 && a.BH <= INT32_MAX && a.Lq >= 1 && a.Lk >= 1 && a.Dk >= 1 &&
          a.Dv >= 1 && a.Dk <= kAttnMaxHeadDim && a.Dv <= kAttnMaxHeadDim && p.smem_bytes > 0 &&
-         p.block_m >= 1 && p.block_m <= kAttnMaxBlockM && p.block_n == (1 << p.log2_block_n) &&
-         p.block_n >= kAttnMinBlockN && p.block_n <= kAttnMaxBlockN && p.m_blocks <= 65535 &&
-         p.num_splits >= 1 && p.num_splits <= kAttnMaxSplits &&
-         static_cast<int64_t>(p.block_m) * a.Dv <= static_cast<int64_t>(p.acc_slots) * kAttnThreads &&
+         p.block_m >= 1 && p.block_m <= kAttnMaxBlockM && p.block_n >= kAttnMinBlockN &&
+         p.block_n <= kAttnMaxBlockN && (p.block_n & (p.block_n - 1)) == 0 &&
+         p.m_blocks <= 65535 && p.num_splits >= 1 && p.num_splits <= kAttnMaxSplits &&
+         p.rows_per_thread >= 1 && p.rows_per_thread <= kAttnMaxRowsPerThread &&
+         p.rows_per_thread * attn_pv_groups(a.Dv) >= p.block_m &&
          (p.num_splits == 1 ? (a.out != nullptr && a.lse != nullptr)
                             : (a.part_o != nullptr && a.part_lse != nullptr));
 }
@@ -105,11 +108,11 @@ cudaError_t attn_fwd_launch(AttnDtype dtype, const AttnFwdArgs& a, const AttnFwd
   if (!plan_fits(a, p)) return cudaErrorInvalidValue;
   switch (dtype) {
     case AttnDtype::kFloat32:
-      return launch_fwd_any_acc<float>(a, p, stream);
+      return launch_fwd_any_rows<float>(a, p, stream);
     case AttnDtype::kFloat16:
-      return launch_fwd_any_acc<__half>(a, p, stream);
+      return launch_fwd_any_rows<__half>(a, p, stream);
     case AttnDtype::kBFloat16:
-      return launch_fwd_any_acc<__nv_bfloat16>(a, p, stream);
+      return launch_fwd_any_rows<__nv_bfloat16>(a, p, stream);
   }
   return cudaErrorInvalidValue;
 }

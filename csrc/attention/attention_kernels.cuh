@@ -5,11 +5,16 @@
 // tiles without padding, so the math runs on fp32 CUDA cores from shared memory.
 //
 // attn_fwd_kernel: grid (B*H, query blocks, key splits), kAttnThreads threads. A block keeps
-// its query rows (pre-scaled by scale * log2 e) in shared memory and streams its key range
-// in tiles of block_n keys: scores (one thread per (row, key)), an online softmax in base 2
-// (one warp per row), then acc = acc * rescale + P V (each thread owns acc_slots (row, dim)
-// outputs). Masked keys get probability 0; exponentials are always taken against a finite
-// reference, so a row with no attended key ends with sum 0, out 0 and lse +inf, never NaN.
+// its query rows (pre-scaled by scale * log2 e) in shared memory and streams its key range in
+// tiles of block_n keys (converted to fp32 once, K transposed):
+//   scores    one thread per key, all the block's rows in registers; the query values are
+//             16-byte broadcast loads, so shared-memory traffic is ~1 load per 3 FMAs;
+//   softmax   online, in base 2, one warp per row;
+//   P V       each thread owns a quad of 4 output dims of rows_per_thread rows: per 4 keys it
+//             loads 4 V quads and one 4-key run of P per row (16-byte loads) for 16 FMAs per
+//             row, so the FMA units, not shared memory, bound the loop.
+// Masked keys get probability 0; exponentials are always taken against a finite reference,
+// so a row with no attended key ends with sum 0, out 0 and lse +inf, never NaN.
 // attn_fwd_combine_kernel: one block per (batch*head, query row) merges the splits.
 //
 // Device code only (no launches): attention_fwd.cu launches it, and a host-side emulation
@@ -109,22 +114,33 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return scratch[0];
 }
 
-// ACC: accumulator slots per thread, plan.acc_slots (block_m * Dv <= ACC * kAttnThreads).
-template <typename T, int ACC>
+struct alignas(16) Quad {
+  float x, y, z, w;
+};
+
+__device__ __forceinline__ Quad load_quad(const float* p) {
+  return *reinterpret_cast<const Quad*>(p);
+}
+
+// RPT: rows per thread in the P V phase, plan.rows_per_thread.
+template <typename T, int RPT>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_fwd_kernel(const AttnFwdArgs a, const AttnFwdPlan p, const IntDivider div_dk,
-                    const IntDivider div_dv) {
-  extern __shared__ float smem[];
+                    const IntDivider div_dv, const IntDivider div_qs) {
+  extern __shared__ Quad smem_quads[];  // Quad: 16-byte alignment for the vector loads
+  float* smem = reinterpret_cast<float*>(smem_quads);
   const int Dk = a.Dk, Dv = a.Dv;
-  const int KS = Dk | 1;  // odd row stride: the keys of one warp fall in different banks
-  const int BM = p.block_m, BN = p.block_n, SS = BN + 1;
-  float* __restrict__ q_s = smem;          // BM x KS
-  float* __restrict__ k_s = q_s + BM * KS;  // BN x KS
-  float* __restrict__ v_s = k_s + BN * KS;  // BN x Dv
-  float* __restrict__ p_s = v_s + BN * Dv;  // BM x SS: scores, then probabilities
-  float* __restrict__ m_s = p_s + BM * SS;  // running max (base 2)
-  float* __restrict__ l_s = m_s + BM;       // running sum
-  float* __restrict__ r_s = l_s + BM;       // this tile's rescale factor of acc
+  const int QS = (Dk + 3) & ~3, VS = (Dv + 3) & ~3;
+  const int BM = p.block_m, BN = p.block_n;
+  const int KTS = BN + 1;  // odd: the transposing stores of a warp hit different banks
+  const int PS = BN + 4;   // rows of 16-byte runs
+  float* __restrict__ q_s = smem;            // BM x QS, zero past Dk
+  float* __restrict__ kt_s = q_s + BM * QS;  // QS x KTS: K transposed, zero rows past Dk
+  float* __restrict__ p_s = kt_s + QS * KTS; // BM x PS: scores, then probabilities
+  float* __restrict__ v_s = p_s + BM * PS;   // BN x VS
+  float* __restrict__ m_s = v_s + BN * VS;   // running max (base 2)
+  float* __restrict__ l_s = m_s + BM;        // running sum
+  float* __restrict__ r_s = l_s + BM;        // this tile's rescale factor of acc
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t bh = blockIdx.x;
@@ -140,52 +156,72 @@ __global__ void __launch_bounds__(kAttnThreads)
   const T* __restrict__ v = static_cast<const T*>(a.v) + bh * a.Lk * Dv;
   const uint8_t* __restrict__ mask = a.mask != nullptr ? a.mask + b * a.Lk : nullptr;
 
-  // The query rows are one contiguous run of nq * Dk elements.
-  for (int e = tid; e < nq * Dk; e += kAttnThreads) {
-    const int i = static_cast<int>(div_dk.div(e));
-    q_s[i * KS + (e - i * Dk)] = to_float(q[e]) * a.qk_scale_log2;
+  for (int e = tid; e < nq * QS; e += kAttnThreads) {
+    const int i = static_cast<int>(div_qs.div(e));
+    const int d = e - i * QS;
+    q_s[e] = d < Dk ? to_float(q[i * Dk + d]) * a.qk_scale_log2 : 0.f;
   }
+  for (int e = tid; e < (QS - Dk) * KTS; e += kAttnThreads) kt_s[Dk * KTS + e] = 0.f;
   for (int i = tid; i < BM; i += kAttnThreads) {
     m_s[i] = -INFINITY;
     l_s[i] = 0.f;
   }
-  float acc[ACC];
+  // P V layout: quad dq of rows g, g + groups, ...; threads past quads * groups only load.
+  const int quads = (Dv + 3) >> 2;
+  const int groups = kAttnThreads / quads;
+  const int g = tid / quads;
+  const int dq = tid - g * quads;
+  const bool pv_thread = g < groups;
+  float acc[RPT][4];
 #pragma unroll
-  for (int s = 0; s < ACC; ++s) acc[s] = 0.f;
+  for (int r = 0; r < RPT; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
   __syncthreads();
 
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     const int nb = min(BN, n_end - n0);
-    // The tile's keys and values are contiguous runs too: coalesced loads, converted once.
+    // The tile's keys and values are contiguous runs: coalesced loads, converted once.
     const T* __restrict__ kt = k + static_cast<int64_t>(n0) * Dk;
     for (int e = tid; e < nb * Dk; e += kAttnThreads) {
       const int j = static_cast<int>(div_dk.div(e));
-      k_s[j * KS + (e - j * Dk)] = to_float(kt[e]);
+      kt_s[(e - j * Dk) * KTS + j] = to_float(kt[e]);
     }
     const T* __restrict__ vt = v + static_cast<int64_t>(n0) * Dv;
-    for (int e = tid; e < nb * Dv; e += kAttnThreads) v_s[e] = to_float(vt[e]);
+    for (int e = tid; e < nb * Dv; e += kAttnThreads) {
+      const int j = static_cast<int>(div_dv.div(e));
+      v_s[j * VS + (e - j * Dv)] = to_float(vt[e]);
+    }
     __syncthreads();
 
-    // Scores in base 2; masked keys -inf. Threads run over keys first, so a warp shares its
-    // query row (a broadcast) and reads consecutive K rows (odd stride: no bank conflicts).
-    for (int e = tid; e < nq * BN; e += kAttnThreads) {
-      const int i = e >> p.log2_block_n;
-      const int j = e & (BN - 1);
-      if (j >= nb) continue;
-      float s = -INFINITY;
-      if (mask == nullptr || mask[n0 + j] != 0) {
-        const float* __restrict__ qr = q_s + i * KS;
-        const float* __restrict__ kr = k_s + j * KS;
-        s = 0.f;
-        for (int d = 0; d < Dk; ++d) s = fmaf(qr[d], kr[d], s);
+    // Scores in base 2, one thread per key; masked keys -inf.
+    if (tid < nb) {
+      const int j = tid;
+      float s[kAttnMaxBlockM];
+#pragma unroll
+      for (int i = 0; i < kAttnMaxBlockM; ++i) s[i] = 0.f;
+      for (int d0 = 0; d0 < QS; d0 += 4) {
+        const float k0 = kt_s[(d0 + 0) * KTS + j];
+        const float k1 = kt_s[(d0 + 1) * KTS + j];
+        const float k2 = kt_s[(d0 + 2) * KTS + j];
+        const float k3 = kt_s[(d0 + 3) * KTS + j];
+#pragma unroll
+        for (int i = 0; i < kAttnMaxBlockM; ++i) {
+          if (i < nq) {
+            const Quad qv = load_quad(q_s + i * QS + d0);  // the same address for every lane
+            s[i] = fmaf(qv.w, k3, fmaf(qv.z, k2, fmaf(qv.y, k1, fmaf(qv.x, k0, s[i]))));
+          }
+        }
       }
-      p_s[i * SS + j] = s;
+      const bool keep = mask == nullptr || mask[n0 + j] != 0;
+#pragma unroll
+      for (int i = 0; i < kAttnMaxBlockM; ++i) {
+        if (i < nq) p_s[i * PS + j] = keep ? s[i] : -INFINITY;
+      }
     }
     __syncthreads();
 
     // Online softmax, one warp per query row.
     for (int i = warp; i < nq; i += kWarps) {
-      float* __restrict__ pr = p_s + i * SS;
+      float* __restrict__ pr = p_s + i * PS;
       float mx = -INFINITY;
       for (int j = lane; j < nb; j += 32) mx = fmaxf(mx, pr[j]);
       mx = warp_max(mx);
@@ -210,39 +246,79 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
     __syncthreads();
 
-    // acc = acc * rescale + P V over this tile; a warp's outputs are consecutive (row, dim)
-    // pairs, so V reads are consecutive floats and P reads broadcasts.
+    // acc = acc * rescale + P V over this tile.
+    if (pv_thread) {
+      const float* __restrict__ vq = v_s + dq * 4;
 #pragma unroll
-    for (int s = 0; s < ACC; ++s) {
-      const int e = tid + s * kAttnThreads;
-      if (e < nq * Dv) {
-        const int i = static_cast<int>(div_dv.div(e));
-        const int d = e - i * Dv;
-        const float* __restrict__ pr = p_s + i * SS;
-        const float* __restrict__ vc = v_s + d;
-        float o = acc[s] * r_s[i];
-        for (int j = 0; j < nb; ++j) o = fmaf(pr[j], vc[j * Dv], o);
-        acc[s] = o;
+      for (int r = 0; r < RPT; ++r) {
+        const int i = g + r * groups;
+        const float sc = i < nq ? r_s[i] : 0.f;
+        acc[r][0] *= sc;
+        acc[r][1] *= sc;
+        acc[r][2] *= sc;
+        acc[r][3] *= sc;
+      }
+      const int nb4 = nb & ~3;
+      for (int j0 = 0; j0 < nb4; j0 += 4) {
+        const Quad v0 = load_quad(vq + (j0 + 0) * VS);
+        const Quad v1 = load_quad(vq + (j0 + 1) * VS);
+        const Quad v2 = load_quad(vq + (j0 + 2) * VS);
+        const Quad v3 = load_quad(vq + (j0 + 3) * VS);
+#pragma unroll
+        for (int r = 0; r < RPT; ++r) {
+          const int i = g + r * groups;
+          if (i < nq) {
+            const Quad pq = load_quad(p_s + i * PS + j0);
+            acc[r][0] = fmaf(pq.w, v3.x, fmaf(pq.z, v2.x, fmaf(pq.y, v1.x, fmaf(pq.x, v0.x, acc[r][0]))));
+            acc[r][1] = fmaf(pq.w, v3.y, fmaf(pq.z, v2.y, fmaf(pq.y, v1.y, fmaf(pq.x, v0.y, acc[r][1]))));
+            acc[r][2] = fmaf(pq.w, v3.z, fmaf(pq.z, v2.z, fmaf(pq.y, v1.z, fmaf(pq.x, v0.z, acc[r][2]))));
+            acc[r][3] = fmaf(pq.w, v3.w, fmaf(pq.z, v2.w, fmaf(pq.y, v1.w, fmaf(pq.x, v0.w, acc[r][3]))));
+          }
+        }
+      }
+      for (int j = nb4; j < nb; ++j) {
+        const Quad vj = load_quad(vq + j * VS);
+#pragma unroll
+        for (int r = 0; r < RPT; ++r) {
+          const int i = g + r * groups;
+          if (i < nq) {
+            const float pj = p_s[i * PS + j];
+            acc[r][0] = fmaf(pj, vj.x, acc[r][0]);
+            acc[r][1] = fmaf(pj, vj.y, acc[r][1]);
+            acc[r][2] = fmaf(pj, vj.z, acc[r][2]);
+            acc[r][3] = fmaf(pj, vj.w, acc[r][3]);
+          }
+        }
       }
     }
-    __syncthreads();  // the next tile overwrites k_s, v_s and p_s
+    __syncthreads();  // the next tile overwrites kt_s, v_s and p_s
   }
 
   // l == 0 exactly when no key of the range was attended (the max key contributes 1 to the
-  // sum); a NaN sum stays NaN rather than being hidden as "no keys".
+  // sum); a NaN sum stays NaN rather than being hidden as "no keys". Lanes past Dv in the
+  // last quad hold padding and are not stored.
   const bool split_out = a.part_o != nullptr;
+  if (pv_thread) {
 #pragma unroll
-  for (int s = 0; s < ACC; ++s) {
-    const int e = tid + s * kAttnThreads;
-    if (e < nq * Dv) {
-      const int i = static_cast<int>(div_dv.div(e));
-      const int d = e - i * Dv;
-      const float l = l_s[i];
-      const float o = l != 0.f ? acc[s] / l : 0.f;
-      if (split_out) {
-        a.part_o[((bh * p.num_splits + split) * a.Lq + m0 + i) * Dv + d] = o;
-      } else {
-        static_cast<T*>(a.out)[(bh * a.Lq + m0 + i) * Dv + d] = from_float<T>(o);
+    for (int r = 0; r < RPT; ++r) {
+      const int i = g + r * groups;
+      if (i < nq) {
+        const float l = l_s[i];
+        const float inv = l != 0.f ? 1.f / l : 0.f;
+        const int64_t row = split_out ? (bh * p.num_splits + split) * a.Lq + m0 + i
+                                      : bh * a.Lq + m0 + i;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int d = dq * 4 + c;
+          if (d < Dv) {
+            const float o = acc[r][c] * inv;
+            if (split_out) {
+              a.part_o[row * Dv + d] = o;
+            } else {
+              static_cast<T*>(a.out)[row * Dv + d] = from_float<T>(o);
+            }
+          }
+        }
       }
     }
   }
