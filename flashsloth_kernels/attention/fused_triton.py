@@ -34,43 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _env
+from .. import _env, _triton_compat
 
 Tensor = torch.Tensor
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """Let Triton 3.6's interpreter run loops with runtime bounds under NumPy >= 2.4.
-
-    The interpreter holds scalars as 1-element arrays and turns them into loop bounds with
-    int(array), which NumPy 2.4 made a TypeError (triton-lang/triton#9171, fixed upstream
-    after 3.6). Every ``range(start, end)`` over kernel arguments then fails. This applies
-    the upstream fix (take the single element) for the interpreter only; compiled kernels
-    never see it. The same shim lives in sap/fused_triton.py: the ``_scalar_index_fixed``
-    marker makes whichever runs second a no-op.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return  # NumPy < 2.4: nothing to fix
-    except TypeError:
-        pass
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _env.triton_interpret():
-    _fix_interpreter_scalar_index()
+_triton_compat.fix_interpreter_scalar_index()
 
 # Softmax runs in base 2 (exp2 / log2): logits are pre-scaled by log2(e), lse is converted back
 # with ln(2) (the kernels spell both constants out: Triton reads no Python globals).

@@ -59,45 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _env
+from .. import _env, _triton_compat
 
 Tensor = torch.Tensor
 
 _INTERPRET = _env.triton_interpret()
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """Let Triton 3.6's interpreter run loops with runtime bounds under NumPy >= 2.4.
-
-    The interpreter holds scalars as 1-element arrays and turns loop bounds into ints with
-    int(array), a TypeError since NumPy 2.4 (triton-lang/triton#9171, fixed by #9172 after
-    3.6), so every ``range(start, end)`` over kernel arguments fails. This applies the upstream
-    fix for the interpreter only; compiled kernels never see it. The same shim lives in
-    attention/fused_triton.py: the ``_scalar_index_fixed`` marker makes whichever runs second
-    a no-op.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return  # NumPy < 2.4: nothing to fix
-    except TypeError:
-        pass
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _INTERPRET:
-    _fix_interpreter_scalar_index()
+_triton_compat.fix_interpreter_scalar_index()
 
 # Scorer GEMM configs. H100/H200 bf16 GEMMs of this shape (M = 46656, N = K = 1152) run best
 # with 128-row tiles, 128-256 columns and BLOCK_K = 64 (one 128-byte swizzled shared-memory
