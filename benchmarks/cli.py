@@ -105,6 +105,13 @@ def make_config(args: argparse.Namespace) -> RunConfig:
         except ValueError as exc:
             raise SystemExit(str(exc))
     presets = [s.strip() for s in args.preset.split(",") if s.strip()] if args.preset else None
+    if presets is not None:
+        from .model import ALL_PRESETS
+
+        bad = [p for p in presets if p not in ALL_PRESETS]
+        if bad or not presets:
+            raise SystemExit(f"--preset: expected a comma-separated subset of "
+                             f"{', '.join(ALL_PRESETS)}, got {args.preset!r}")
     if args.quick:
         budget = Budget(min_rounds=3, max_rounds=5, seconds=0.5)
     elif device.type == "cpu":

@@ -138,7 +138,7 @@ def model_table(rows: List[Row]) -> Optional[Dict[str, object]]:
     sel = [r for r in rows if r.get("section") == "model"]
     if not sel:
         return None
-    header = ["preset", "compression", "visual tokens", "params", "prefill FLOPs",
+    header = ["preset", "compression", "visual tokens", "params", "weights", "prefill FLOPs",
               "KV cache", "peak mem", "prefill ms", "decode tok/s", "tokens vs none",
               "FLOPs vs none", "KV vs none", "mem vs none", "prefill vs none", "decode vs none",
               "status"]
@@ -150,7 +150,8 @@ def model_table(rows: List[Row]) -> Optional[Dict[str, object]]:
         elif r.get("note"):
             status = f"ok ({r['note']})"
         body.append([r.get("preset", ""), r.get("compression", ""), fmt(r.get("visual_tokens")),
-                     fmt_count(r.get("params")), fmt_count(r.get("prefill_flops")),
+                     fmt_count(r.get("params")), fmt_bytes(r.get("weights_bytes")),
+                     fmt_count(r.get("prefill_flops")),
                      fmt_bytes(r.get("kv_cache_bytes")), fmt_bytes(r.get("peak_mem_bytes")),
                      fmt(r.get("prefill_ms")), fmt(r.get("decode_tok_s")),
                      fmt_pct(r.get("visual_tokens_reduction_pct")),
@@ -161,7 +162,10 @@ def model_table(rows: List[Row]) -> Optional[Dict[str, object]]:
                      "-" if r.get("decode_speedup") is None else f"{r['decode_speedup']:.2f}x",
                      status])
     return {"title": "model", "header": header, "rows": body,
-            "caption": "reductions: 100 * (1 - mode / none); decode: tokens/s relative to none"}
+            "caption": "counts (tokens, params, FLOPs, KV cache) for every preset, on the meta "
+                       "device; peak mem (above the weights), prefill and decode measured for "
+                       "the timed presets only (--preset); reductions: 100 * (1 - mode / none), "
+                       "decode: tokens/s relative to none"}
 
 
 def train_table(rows: List[Row]) -> Optional[Dict[str, object]]:

@@ -81,6 +81,8 @@ def test_bad_arguments_exit_with_a_message():
     with pytest.raises(SystemExit):
         main(["--dtype", "int8", "--only", "ops"])
     with pytest.raises(SystemExit):
+        main(["--preset", "huge", "--only", "model"])
+    with pytest.raises(SystemExit):
         parse_args(["--compare", "a", "b", "c"])
     with pytest.raises(FileNotFoundError):
         main(["--compare", "/nonexistent/old.json", "/nonexistent/new.json"])
