@@ -244,6 +244,13 @@ def test_opcheck():
         torch.library.opcheck(SAP.default, args)
         mask = torch.rand(2, 25, 6) > 0.5
         torch.library.opcheck(SAP.default, args[:9] + (mask, 2.0, backend))
+        # strided inputs: the fake backward must report the layout the kernels return
+        x_nc = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+        w1_nc = w1.detach().t().contiguous().t().requires_grad_()
+        torch.library.opcheck(SAP.default, (x_nc, w1_nc) + args[2:])
+        grad = torch.randn(2, 9, 8)
+        torch.library.opcheck(torch.ops.flashsloth.spatial_attention_pool_backward.default,
+                              (grad, x_nc.detach(), w1_nc.detach()) + args[2:] + (True, True))
 
 
 def test_torch_compile_fullgraph():

@@ -70,11 +70,12 @@ def _sap_bwd_op(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w
 
 
 def _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w):
-    # unneeded gradients come back as distinct empty tensors (outputs may not alias)
-    dx = torch.empty_like(x) if need_x else x.new_empty(0)
+    # Gradients are contiguous whatever the inputs' strides (as every backend returns them);
+    # unneeded ones come back as distinct empty tensors (outputs may not alias).
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     if not need_w:
         return (dx,) + tuple(x.new_empty(0) for _ in range(4))
-    return dx, torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2), w2.new_empty(1)
+    return dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape), w2.new_empty(1)
 
 
 @_sap_bwd_op.register_fake
