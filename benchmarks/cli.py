@@ -163,13 +163,21 @@ def _print_table(console, t: Dict[str, object]) -> None:
     console.print(table)
 
 
+def _console():
+    """A rich console; when writing to a file or a pipe (CI, tee) a wide one, so the tables
+    are not folded into 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=220)
+
+
 def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
     """Run the suite for parsed ``args``; returns the payload written to results.json."""
-    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
-    console = console or Console()
+    console = console or _console()
     sections = _sections(args.only)
     cfg = make_config(args)
     started = time.perf_counter()
@@ -227,9 +235,7 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from rich.console import Console
-
-    console = Console()
+    console = _console()
     if args.compare is not None and len(args.compare) == 2:
         from . import compare
 

@@ -77,7 +77,7 @@ def fmt(v, digits: int = 3) -> str:
             return "-"
         if v == 0:
             return "0"
-        if abs(v) >= 1000:
+        if abs(v) >= 100:
             return f"{v:,.0f}"
         return f"{v:.{digits}g}"
     return str(v)
