@@ -172,8 +172,8 @@ def train_table(rows: List[Row]) -> Optional[Dict[str, object]]:
     sel = [r for r in rows if r.get("section") == "train"]
     if not sel:
         return None
-    header = ["preset", "stage", "compression", "trainable params", "peak mem", "step ms",
-              "mem vs none", "status"]
+    header = ["preset", "stage", "compression", "trained", "trainable params", "weights + optim",
+              "step peak", "peak mem", "step ms", "mem vs none", "step", "status"]
     body = []
     for r in sel:
         status = r.get("status", "")
@@ -181,11 +181,18 @@ def train_table(rows: List[Row]) -> Optional[Dict[str, object]]:
             status = f"{status}: {r.get('note', '')}"
         elif r.get("note"):
             status = f"ok ({r['note']})"
+        fixed = None
+        if r.get("weights_bytes") is not None:
+            fixed = r["weights_bytes"] + (r.get("optimizer_state_bytes") or 0)
         body.append([r.get("preset", ""), r.get("stage", ""), r.get("compression", ""),
-                     fmt_count(r.get("trainable_params")), fmt_bytes(r.get("peak_mem_bytes")),
-                     fmt(r.get("step_ms")), fmt_pct(r.get("peak_mem_bytes_reduction_pct")),
+                     r.get("trained_modules") or "-", fmt_count(r.get("trainable_params")),
+                     fmt_bytes(fixed), fmt_bytes(r.get("step_peak_bytes")),
+                     fmt_bytes(r.get("peak_mem_bytes")), fmt(r.get("step_ms")),
+                     fmt_pct(r.get("peak_mem_bytes_reduction_pct")), r.get("step_impl") or "-",
                      status])
-    return {"title": "train", "header": header, "rows": body}
+    return {"title": "train", "header": header, "rows": body,
+            "caption": "peak mem = weights + optimizer state + the step's own high-water mark "
+                       "(activations, gradients, temporaries); reduction against none"}
 
 
 def bars_table(bars: List[Dict[str, object]]) -> Optional[Dict[str, object]]:

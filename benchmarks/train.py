@@ -3,8 +3,10 @@ and without compression.
 
 Stage 1 (alignment) trains the projector and SAP, everything else frozen; stage 2
 (instruction tuning) trains everything but the vision tower (FlashSloth's two stages, see
-the spec). The step is the package trainer's when it exists; until then a plain step built
-here: forward with labels, cross-entropy loss, backward, AdamW step, gradients set to None.
+the spec). The step is the package trainer's (flashsloth.train: configure_stage,
+build_optimizer, train_step: forward, loss, backward, gradient clipping, AdamW step) when it
+exists; otherwise a plain step built here with the same freezing: forward with labels, loss,
+backward, AdamW step, gradients set to None. The row's ``step_impl`` says which ran.
 One warm-up step first creates the optimizer state, so the measured step is a steady one.
 
 Reported per (preset, stage, compression): trainable parameters, bytes of weights, of
@@ -42,13 +44,23 @@ def default_presets(cfg: RunConfig) -> List[str]:
 
 
 def trainable_for(model, stage: str) -> List[str]:
-    """Submodules trained in ``stage`` (the rest is frozen)."""
+    """Submodules trained in ``stage`` (the rest is frozen): the plain step's freezing."""
     if stage == "stage1":
         names = ["mm_projector", "pooling"]
     else:
         names = ["mm_projector", "pooling", "learnable_tokens", "lqformer", "language_model"]
     return [n for n in names if getattr(model, n, None) is not None
             and any(True for _ in getattr(model, n).parameters())]
+
+
+def _trainer():
+    """flashsloth.train's (configure_stage, build_optimizer, train_step), or None while the
+    package has no trainer."""
+    try:
+        from flashsloth.train import build_optimizer, configure_stage, train_step
+    except (ImportError, AttributeError):
+        return None
+    return configure_stage, build_optimizer, train_step
 
 
 def _batch(cfg, device):
@@ -61,14 +73,36 @@ def _batch(cfg, device):
     return ids.to(device), labels.to(device)
 
 
-def _step_fn(model, opt, px, ids, labels):
+def _setup(model, stage: str, px, ids, labels):
+    """(step function, optimizer, trained module names, note) for ``stage``."""
+    trainer = _trainer()
+    if trainer is not None:
+        configure_stage, build_optimizer, train_step = trainer
+        names = configure_stage(model, 1 if stage == "stage1" else 2)
+        opt = build_optimizer(model, 1 if stage == "stage1" else 2)
+        batch = {"images": px, "input_ids": ids, "attention_mask": None, "labels": labels,
+                 "question_mask": None}
+
+        def step():
+            return train_step(model, batch, opt)
+
+        trained = sorted({n.split(".", 1)[0] for n in names})
+        return step, opt, trained, "flashsloth.train.train_step"
+    model.requires_grad_(False)
+    trained = trainable_for(model, stage)
+    for name in trained:
+        getattr(model, name).requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.0)
+
     def step():
         out = model(px, ids, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
-    return step
+
+    return step, opt, trained, "plain step (flashsloth.train is not available)"
 
 
 def _run(preset: str, stage: str, compression: str, cfg_run: RunConfig) -> List[Row]:
@@ -86,17 +120,9 @@ def _run(preset: str, stage: str, compression: str, cfg_run: RunConfig) -> List[
         status = "not available" if isinstance(exc, ImportError) else "error"
         return [{**base, "status": status, "note": _why(exc)}]
     model.train()
-    model.requires_grad_(False)
-    trained = trainable_for(model, stage)
-    for name in trained:
-        getattr(model, name).requires_grad_(True)
-    # the vision tower is frozen in both stages: no dropout noise from it either
-    model.vision_tower.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.0)
     ids, labels = _batch(cfg, dev)
     px = torch.rand(pixel_shape(cfg, BATCH), device=dev).to(cfg_run.dtype)
-    step = _step_fn(model, opt, px, ids, labels)
+    step, opt, trained, impl = _setup(model, stage, px, ids, labels)
     seq_len = visual_tokens_in_layout(model, ids)[1]
     step()  # warm-up: creates the optimizer state
     reps = 2 if cfg_run.quick else 3
@@ -112,11 +138,9 @@ def _run(preset: str, stage: str, compression: str, cfg_run: RunConfig) -> List[
     opt_state = int(sum(t.nbytes for s in opt.state.values() for t in s.values()
                         if isinstance(t, torch.Tensor)))
     _, med, _ = _quartiles(times)
-    row: Row = {**base, "status": "ok",
-                "note": "; ".join(s for s in (note, "plain step (the trainer's step is not "
-                                              "available yet)") if s),
-                "trained_modules": ",".join(trained),
-                "trainable_params": sum(p.numel() for p in params),
+    row: Row = {**base, "status": "ok", "note": note,
+                "step_impl": impl, "trained_modules": ",".join(trained),
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "weights_bytes": weights, "optimizer_state_bytes": opt_state,
                 "step_peak_bytes": peak,
                 "peak_mem_bytes": None if peak is None else weights + opt_state + peak,

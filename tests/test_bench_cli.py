@@ -55,6 +55,7 @@ def test_quick_run_json_holds_numbers_and_context(quick_run):
     assert tiny["visual_tokens_reduction_pct"] == pytest.approx(100 * (1 - 4 / 36))
     train = [r for r in rows if r["section"] == "train" and r["status"] == "ok"]
     assert {r["stage"] for r in train} == {"stage1", "stage2"}
+    assert all(r["step_impl"] for r in train)
     assert all(r["peak_mem_bytes"] > 0 for r in train)
     assert data["bars"], "CPU fp32 bars are judged in every CPU run"
 
