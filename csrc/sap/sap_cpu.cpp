@@ -4,19 +4,18 @@
 //   dropout_mask: (B, N, Ch) bool or None, grad_out / out: (B, G, C).
 //
 // The op is one (B*N x C) x (C x Ch) GEMM plus a few passes over x, so the design keeps the
-// GEMM in MKL/oneDNN (at::mm) and fuses everything else into as few passes as possible:
-//   forward:  z = x W1^T (at::mm, b1 left out of the GEMM and added in the epilogue), then one
-//             parallel pass over windows that scores the window's rows from z, takes the
-//             max-subtracted softmax and writes the weighted sum of the x rows.
-//   backward: recompute z (never saved by the forward), pass 1 over windows (scores, softmax,
-//             ds, dx_direct = alpha * g), pass 2 over fixed row blocks writing
-//             dz = ds * w2 * mask * scale * [z > 0] in place over z and accumulating per-block
-//             partials of dw2 and db1, then dW1 = dz^T x and dx = dx_direct + dz W1 (at::mm,
-//             at::addmm_).
-// Elementwise work accumulates in float (double for float64 inputs). Every reduction of ours runs
-// in a fixed order that does not depend on the thread count: a window is handled by one thread,
-// and cross-row sums go through per-block partials (blocks of a fixed row count) reduced in block
-// order.
+// GEMMs in MKL/oneDNN (at::mm) and fuses everything else into one parallel pass each way:
+//   forward:  z = x W1^T (at::mm; b1 stays out of the GEMM and is added in the epilogue), then
+//             one pass over windows: score the window's rows from z, max-subtracted softmax,
+//             weighted sum of the x rows.
+//   backward: recompute z (the forward saves no (B, N, Ch) activation), one pass over strips of
+//             windows: scores, softmax, ds, dx_direct = alpha * g, then
+//             dz = ds * w2 * mask * scale * [z + b1 > 0] written over z while accumulating the
+//             strip's partials of dw2 and db1; then dW1 = dz^T x (at::mm) and
+//             dx = dx_direct + dz W1 (at::addmm_ into dx_direct).
+// Elementwise work runs in float32 (float64 for float64 inputs). No result depends on the thread
+// count: a window is handled by one thread, sums across rows go through per-strip partials (the
+// strips are fixed by the problem) added up in strip order.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -40,9 +40,6 @@ using at::Tensor;
 // Width of the independent partial sums of the dot products: lets the compiler vectorise the
 // inner loops without -ffast-math while keeping the summation order fixed.
 constexpr int kLanes = 16;
-// Rows per block of the backward's cross-row reductions (dw2, db1). Fixed, so the result does not
-// depend on how many threads share the blocks.
-constexpr int64_t kRowBlock = 64;
 
 template <typename acc_t>
 inline acc_t reduce_lanes(const acc_t* acc) {
@@ -53,35 +50,25 @@ inline acc_t reduce_lanes(const acc_t* acc) {
   return t[0];
 }
 
-// s = w2s . relu(z + b1) (* mask) + b2 for one row of z. w2s already holds w2 * dropout_scale
-// when there is a mask, so the mask enters as a 0/1 factor.
-template <typename T, typename acc_t>
-inline acc_t row_score(const T* z, const acc_t* b1, const acc_t* w2s, const bool* m, int64_t Ch,
-                       acc_t b2) {
+// w2s . (relu(z + b1) * mask) for one row of z (b2 is the caller's). w2s already holds
+// w2 * dropout_scale when there is a mask, so the mask enters as a 0/1 factor.
+template <bool kMasked, typename T, typename acc_t>
+inline acc_t row_score(const T* z, const acc_t* b1, const acc_t* w2s, const bool* mask,
+                       int64_t Ch) {
+  // bytes, not bools: GCC does not vectorise loads of bool
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask);
   acc_t acc[kLanes] = {};
+  auto term = [&](int64_t k) {
+    const acc_t v = static_cast<acc_t>(z[k]) + b1[k];
+    acc_t a = v > acc_t(0) ? v : acc_t(0);
+    if constexpr (kMasked) a *= static_cast<acc_t>(m[k]);
+    return w2s[k] * a;
+  };
   int64_t k = 0;
-  if (m == nullptr) {
-    for (; k + kLanes <= Ch; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        acc_t v = static_cast<acc_t>(z[k + j]) + b1[k + j];
-        acc[j] += w2s[k + j] * (v > acc_t(0) ? v : acc_t(0));
-      }
-    for (int j = 0; k + j < Ch; ++j) {
-      acc_t v = static_cast<acc_t>(z[k + j]) + b1[k + j];
-      acc[j] += w2s[k + j] * (v > acc_t(0) ? v : acc_t(0));
-    }
-  } else {
-    for (; k + kLanes <= Ch; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        acc_t v = static_cast<acc_t>(z[k + j]) + b1[k + j];
-        acc[j] += w2s[k + j] * (v > acc_t(0) && m[k + j] ? v : acc_t(0));
-      }
-    for (int j = 0; k + j < Ch; ++j) {
-      acc_t v = static_cast<acc_t>(z[k + j]) + b1[k + j];
-      acc[j] += w2s[k + j] * (v > acc_t(0) && m[k + j] ? v : acc_t(0));
-    }
-  }
-  return reduce_lanes(acc) + b2;
+  for (; k + kLanes <= Ch; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += term(k + j);
+  for (int j = 0; k + j < Ch; ++j) acc[j] += term(k + j);
+  return reduce_lanes(acc);
 }
 
 template <typename T, typename acc_t>
@@ -94,12 +81,42 @@ inline acc_t dot_row(const T* x, const acc_t* g, int64_t C) {
   return reduce_lanes(acc);
 }
 
+// x where v > 0, else 0. The gate is a bit mask from an integer compare of v's bits (positive
+// floats are exactly the positive integers): GCC (by default -ftrapping-math) will not
+// if-convert a floating-point compare-and-select, which leaves the loop scalar.
+template <typename acc_t>
+inline acc_t keep_if_positive(acc_t v, acc_t x) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+  bits_t vb, xb;
+  std::memcpy(&vb, &v, sizeof(acc_t));
+  std::memcpy(&xb, &x, sizeof(acc_t));
+  xb &= -static_cast<bits_t>(vb > 0);
+  acc_t r;
+  std::memcpy(&r, &xb, sizeof(acc_t));
+  return r;
+}
+
+// acc_t -> D for stores in the hot loops. bfloat16 is rounded to nearest even with integer
+// ops (c10's conversion branches on NaN, which keeps loops scalar); same result, NaN -> 0x7FC0.
+template <typename D, typename acc_t>
+inline D store_as(acc_t v) {
+  if constexpr (std::is_same_v<D, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t nan = -static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
+    const uint32_t r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan;
+    return c10::BFloat16(static_cast<uint16_t>(r | (0x7fc0u & nan)), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<D>(v);
+  }
+}
+
 // Geometry of the row-major, non-overlapping kh x kw windows (edge windows partial).
 struct Windows {
-  int64_t H, W, kh, kw, Gw, G;
+  int64_t H, W, kh, kw, Gh, Gw, G;
   Windows(int64_t H_, int64_t W_, int64_t kh_, int64_t kw_)
-      : H(H_), W(W_), kh(kh_), kw(kw_), Gw((W_ + kw_ - 1) / kw_),
-        G(((H_ + kh_ - 1) / kh_) * ((W_ + kw_ - 1) / kw_)) {}
+      : H(H_), W(W_), kh(kh_), kw(kw_), Gh((H_ + kh_ - 1) / kh_), Gw((W_ + kw_ - 1) / kw_),
+        G(Gh * Gw) {}
   // Patch indices (within one image) of window g, row-major; returns how many.
   int64_t patches(int64_t g, int64_t* idx) const {
     const int64_t r0 = (g / Gw) * kh, c0 = (g % Gw) * kw;
@@ -125,23 +142,22 @@ inline void softmax_inplace(acc_t* s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s[i] *= inv;
 }
 
-// Per-call constants of the scorer, in acc_t: b1 (zeros when None), w2 * scale, b2.
+// Per-call constants of the scorer, in acc_t: b1 (zeros when None), w2 * scale (scale = the
+// dropout scale with a mask, else 1), b2 (0 when None).
 template <typename acc_t>
 struct Scorer {
-  std::vector<acc_t> b1, w2s, w2;
+  std::vector<acc_t> b1, w2s;
   acc_t b2 = 0, scale = 1;
-  bool masked = false;
   Scorer(const std::optional<Tensor>& b1_, const Tensor& w2_, const std::optional<Tensor>& b2_,
-         bool masked_, double scale_, int64_t Ch)
-      : b1(Ch, acc_t(0)), w2s(Ch), w2(Ch), masked(masked_) {
+         bool masked, double dropout_scale, int64_t Ch)
+      : b1(Ch, acc_t(0)), w2s(Ch), scale(masked ? static_cast<acc_t>(dropout_scale) : acc_t(1)) {
     const at::ScalarType st = c10::CppTypeToScalarType<acc_t>::value;
-    scale = masked ? static_cast<acc_t>(scale_) : acc_t(1);
     if (b1_.has_value()) {
-      Tensor t = b1_->to(st).contiguous();
-      std::copy(t.data_ptr<acc_t>(), t.data_ptr<acc_t>() + Ch, b1.begin());
+      const Tensor t = b1_->to(st).contiguous();
+      std::copy(t.const_data_ptr<acc_t>(), t.const_data_ptr<acc_t>() + Ch, b1.begin());
     }
-    Tensor t2 = w2_.to(st).contiguous();
-    std::copy(t2.data_ptr<acc_t>(), t2.data_ptr<acc_t>() + Ch, w2.begin());
+    const Tensor t2 = w2_.to(st).contiguous();
+    const acc_t* w2 = t2.const_data_ptr<acc_t>();
     for (int64_t k = 0; k < Ch; ++k) w2s[k] = w2[k] * scale;
     if (b2_.has_value()) b2 = b2_->to(st).item<acc_t>();
   }
@@ -205,7 +221,7 @@ at::ScalarType gemm_dtype(at::ScalarType dt, bool lowp_gemm) {
   return lowp_gemm ? dt : at::kFloat;
 }
 
-template <typename T, typename acc_t>
+template <bool kMasked, typename T, typename acc_t>
 void fwd_windows(const T* z, const T* x, const bool* mask, const Scorer<acc_t>& sc,
                  const Windows& win, int64_t B, int64_t N, int64_t C, int64_t Ch, T* out) {
   const int64_t wmax = win.kh * win.kw;
@@ -217,18 +233,19 @@ void fwd_windows(const T* z, const T* x, const bool* mask, const Scorer<acc_t>& 
       const int64_t n = win.patches(g, idx.data());
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = b * N + idx[i];
-        s[i] = row_score(z + r * Ch, sc.b1.data(), sc.w2s.data(),
-                         mask ? mask + r * Ch : nullptr, Ch, sc.b2);
+        s[i] = row_score<kMasked>(z + r * Ch, sc.b1.data(), sc.w2s.data(),
+                                  kMasked ? mask + r * Ch : nullptr, Ch) + sc.b2;
       }
       softmax_inplace(s.data(), n);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t* ac = acc.data();
+      std::fill(ac, ac + C, acc_t(0));
       for (int64_t i = 0; i < n; ++i) {
         const T* xr = x + (b * N + idx[i]) * C;
         const acc_t a = s[i];
-        for (int64_t c = 0; c < C; ++c) acc[c] += a * static_cast<acc_t>(xr[c]);
+        for (int64_t c = 0; c < C; ++c) ac[c] += a * static_cast<acc_t>(xr[c]);
       }
       T* o = out + bg * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(acc[c]);
+      for (int64_t c = 0; c < C; ++c) o[c] = store_as<T>(ac[c]);
     }
   });
 }
@@ -243,9 +260,13 @@ Tensor fwd_impl(const Tensor& xg, const Tensor& w1g, const std::optional<Tensor>
   Tensor z = at::mm(xg.view({B * N, C}), w1g.t());
   Tensor out = at::empty({B, win.G, C}, xg.options());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
-  fwd_windows<T, acc_t>(z.const_data_ptr<T>(), xg.const_data_ptr<T>(),
-                        mask ? mask->const_data_ptr<bool>() : nullptr, sc, win, B, N, C, Ch,
-                        out.mutable_data_ptr<T>());
+  const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
+  auto run = [&](auto masked) {
+    fwd_windows<decltype(masked)::value, T, acc_t>(z.const_data_ptr<T>(), xg.const_data_ptr<T>(),
+                                                   mp, sc, win, B, N, C, Ch,
+                                                   out.mutable_data_ptr<T>());
+  };
+  if (mp != nullptr) run(std::true_type{}); else run(std::false_type{});
   return out;
 }
 
@@ -267,76 +288,87 @@ Tensor sap_fwd_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor
   return out.to(x.scalar_type());
 }
 
-// Backward pass 1, one window per iteration: scores from z, softmax alpha,
-// dalpha_i = g . x_i, ds_i = alpha_i (dalpha_i - sum_j alpha_j dalpha_j), and (need_x)
-// dx_i = alpha_i g, the direct term the dx GEMM later accumulates onto.
-template <typename acc_t, typename D>
-void bwd_windows(const acc_t* z, const acc_t* x, const acc_t* gout, const bool* mask,
-                 const Scorer<acc_t>& sc, const Windows& win, int64_t B, int64_t N, int64_t C,
-                 int64_t Ch, acc_t* ds, D* dx) {
-  const int64_t wmax = win.kh * win.kw;
-  at::parallel_for(0, B * win.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(wmax);
-    std::vector<acc_t> alpha(wmax), dalpha(wmax);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / win.G, g = bg % win.G;
-      const int64_t n = win.patches(g, idx.data());
-      const acc_t* gw = gout + bg * C;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = b * N + idx[i];
-        alpha[i] = row_score(z + r * Ch, sc.b1.data(), sc.w2s.data(),
-                             mask ? mask + r * Ch : nullptr, Ch, sc.b2);
-        dalpha[i] = dot_row(x + r * C, gw, C);
-      }
-      softmax_inplace(alpha.data(), n);
-      acc_t inner = 0;
-      for (int64_t i = 0; i < n; ++i) inner += alpha[i] * dalpha[i];
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = b * N + idx[i];
-        ds[r] = alpha[i] * (dalpha[i] - inner);
-        if (dx != nullptr) {
-          D* d = dx + r * C;
-          const acc_t a = alpha[i];
-          for (int64_t c = 0; c < C; ++c) d[c] = static_cast<D>(a * gw[c]);
-        }
-      }
-    }
-  });
-}
-
-// Backward pass 2 over rows [r0, r1): dz = ds * w2 * mask * scale * [z > 0] into dz (which may
-// alias z: each element is read before it is written); when part != nullptr also accumulates
-// part[0..Ch) += ds * a (dw2) and part[Ch..2Ch) += dz (db1, from dz before any rounding).
-template <typename acc_t, typename D>
-inline void bwd_rows(const acc_t* z, D* dz, const acc_t* ds, const bool* mask,
-                     const Scorer<acc_t>& sc, int64_t r0, int64_t r1, int64_t Ch, acc_t* part) {
+// Backward pass 2 over rows [r0, r1): dz = ds * w2 * mask * scale * [z + b1 > 0], written over z
+// itself when D is acc_t (each element is read before it is written) or into dz_out; with
+// kPart also accumulates dw2 += ds * a (a = relu(z + b1) * mask * scale) and db1 += dz (from dz
+// before any rounding to D).
+template <bool kMasked, bool kPart, typename acc_t, typename D>
+inline void bwd_rows(acc_t* z, D* dz_out, const acc_t* ds, const bool* mask,
+                     const Scorer<acc_t>& sc, int64_t r0, int64_t r1, int64_t Ch,
+                     acc_t* __restrict dw2, acc_t* __restrict db1) {
+  constexpr bool kInPlace = std::is_same_v<acc_t, D>;
   const acc_t* b1 = sc.b1.data();
   const acc_t* w2s = sc.w2s.data();
-  const acc_t scale = sc.scale;
   for (int64_t r = r0; r < r1; ++r) {
-    const acc_t* zr = z + r * Ch;
-    D* dzr = dz + r * Ch;
-    const bool* m = mask ? mask + r * Ch : nullptr;
+    acc_t* zr = z + r * Ch;
+    D* dzr = dz_out + r * Ch;
+    // bytes, not bools: GCC does not vectorise loads of bool
+    const uint8_t* m = kMasked ? reinterpret_cast<const uint8_t*>(mask) + r * Ch : nullptr;
     const acc_t d = ds[r];
-    if (part == nullptr) {
-      for (int64_t k = 0; k < Ch; ++k) {
-        const acc_t v = zr[k] + b1[k];
-        const bool on = v > acc_t(0) && (m == nullptr || m[k]);
-        dzr[k] = static_cast<D>(on ? d * w2s[k] : acc_t(0));
-      }
-    } else {
-      acc_t* dw2 = part;
-      acc_t* db1 = part + Ch;
-      for (int64_t k = 0; k < Ch; ++k) {
-        const acc_t v = zr[k] + b1[k];
-        const bool on = v > acc_t(0) && (m == nullptr || m[k]);
-        const acc_t g = on ? d * w2s[k] : acc_t(0);
-        dw2[k] += on ? d * (v * scale) : acc_t(0);
+    const acc_t d_scale = d * sc.scale;
+    for (int64_t k = 0; k < Ch; ++k) {
+      const acc_t v = zr[k] + b1[k];
+      const acc_t mk = kMasked ? static_cast<acc_t>(m[k]) : acc_t(1);
+      const acc_t g = keep_if_positive(v, d * w2s[k] * mk);
+      if constexpr (kPart) {
+        dw2[k] += d_scale * keep_if_positive(v, v * mk);
         db1[k] += g;
-        dzr[k] = static_cast<D>(g);
+      }
+      if constexpr (kInPlace) {
+        zr[k] = g;
+      } else {
+        dzr[k] = store_as<D>(g);
       }
     }
   }
+}
+
+// The whole backward between the GEMMs, as one parallel loop over strips (kh grid rows of one
+// image: rows [r0, r1) of x and z, contiguous). Per window of the strip: scores from z, softmax
+// alpha, dalpha_i = g . x_i, ds_i = alpha_i (dalpha_i - sum_j alpha_j dalpha_j) and (dx set)
+// dx_i = alpha_i g, the direct term the dx GEMM later accumulates onto. Then bwd_rows over the
+// strip's rows while their z is still in cache, into the strip's own partials (part set).
+// One parallel region instead of two: on a shared, oversubscribed CPU each region start costs
+// a scheduling wait.
+template <bool kMasked, bool kPart, typename acc_t, typename D>
+void bwd_strips(acc_t* z, D* dz, const acc_t* x, const acc_t* gout, const bool* mask,
+                const Scorer<acc_t>& sc, const Windows& win, int64_t B, int64_t N, int64_t C,
+                int64_t Ch, acc_t* ds, D* dx, acc_t* part) {
+  const int64_t wmax = win.kh * win.kw;
+  at::parallel_for(0, B * win.Gh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(wmax);
+    std::vector<acc_t> alpha(wmax), dalpha(wmax);
+    for (int64_t st = begin; st < end; ++st) {
+      const int64_t b = st / win.Gh, gi = st % win.Gh;
+      for (int64_t g = gi * win.Gw; g < (gi + 1) * win.Gw; ++g) {
+        const int64_t n = win.patches(g, idx.data());
+        const acc_t* gw = gout + (b * win.G + g) * C;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t r = b * N + idx[i];
+          alpha[i] = row_score<kMasked>(z + r * Ch, sc.b1.data(), sc.w2s.data(),
+                                        kMasked ? mask + r * Ch : nullptr, Ch) + sc.b2;
+          dalpha[i] = dot_row(x + r * C, gw, C);
+        }
+        softmax_inplace(alpha.data(), n);
+        acc_t inner = 0;
+        for (int64_t i = 0; i < n; ++i) inner += alpha[i] * dalpha[i];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t r = b * N + idx[i];
+          ds[r] = alpha[i] * (dalpha[i] - inner);
+          if (dx != nullptr) {
+            D* d = dx + r * C;
+            const acc_t a = alpha[i];
+            for (int64_t c = 0; c < C; ++c) d[c] = store_as<D>(a * gw[c]);
+          }
+        }
+      }
+      const int64_t r0 = b * N + gi * win.kh * win.W;
+      const int64_t r1 = b * N + std::min(win.H, (gi + 1) * win.kh) * win.W;
+      acc_t* p = kPart ? part + st * 2 * Ch : nullptr;
+      bwd_rows<kMasked, kPart, acc_t, D>(z, dz, ds, mask, sc, r0, r1, Ch, p,
+                                         kPart ? p + Ch : nullptr);
+    }
+  });
 }
 
 // D: dtype of the dW1 / dx GEMMs (x's dtype, or float32 for 16-bit x without a fast 16-bit
@@ -364,24 +396,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const Tensor g = gout.to(acc_st).contiguous();
   Tensor ds = at::empty({M}, acc_opts);
   Tensor dx = need_x ? at::empty({M, C}, x.options().dtype(d_st)) : Tensor();
-  bwd_windows<acc_t, D>(z.const_data_ptr<acc_t>(), xa.const_data_ptr<acc_t>(),
-                        g.const_data_ptr<acc_t>(), mp, sc, win, B, N, C, Ch,
-                        ds.mutable_data_ptr<acc_t>(), need_x ? dx.mutable_data_ptr<D>() : nullptr);
-
-  const int64_t nblk = (M + kRowBlock - 1) / kRowBlock;
-  Tensor part = need_w ? at::zeros({nblk, 2 * Ch}, acc_opts) : Tensor();
   Tensor dz = kInPlace ? z : at::empty({M, Ch}, x.options().dtype(d_st));
-  {
-    const acc_t* zp = z.const_data_ptr<acc_t>();
-    D* dzp = dz.mutable_data_ptr<D>();  // z itself when D is acc_t
-    const acc_t* dsp = ds.const_data_ptr<acc_t>();
-    acc_t* pp = need_w ? part.mutable_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk)
-        bwd_rows<acc_t, D>(zp, dzp, dsp, mp, sc, blk * kRowBlock,
-                           std::min(M, (blk + 1) * kRowBlock), Ch,
-                           pp ? pp + blk * 2 * Ch : nullptr);
-    });
+  const int64_t nstrips = B * win.Gh;
+  // per-strip partials of (dw2, db1): fixed by the problem, not by the thread count
+  Tensor part = need_w ? at::zeros({nstrips, 2 * Ch}, acc_opts) : Tensor();
+  auto run = [&](auto masked, auto with_part) {
+    bwd_strips<decltype(masked)::value, decltype(with_part)::value, acc_t, D>(
+        z.mutable_data_ptr<acc_t>(), dz.mutable_data_ptr<D>(), xa.const_data_ptr<acc_t>(),
+        g.const_data_ptr<acc_t>(), mp, sc, win, B, N, C, Ch, ds.mutable_data_ptr<acc_t>(),
+        need_x ? dx.mutable_data_ptr<D>() : nullptr,
+        need_w ? part.mutable_data_ptr<acc_t>() : nullptr);
+  };
+  if (mp != nullptr) {
+    if (need_w) run(std::true_type{}, std::true_type{});
+    else run(std::true_type{}, std::false_type{});
+  } else {
+    if (need_w) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
   }
   const Tensor xd = kInPlace ? xa : x.contiguous().view({M, C});
   const Tensor w1d = kInPlace ? w1a : w1.contiguous();
@@ -389,20 +420,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   Tensor dw1, db1, dw2, db2;
   if (need_w) {
     dw1 = at::mm(dz.t(), xd);
-    // Block partials summed in block order, whatever the thread count. dw2 and db1 get their
-    // own buffers: the op's outputs must not alias one another.
-    dw2 = at::empty({Ch}, acc_opts);
-    db1 = at::empty({Ch}, acc_opts);
+    // Strip partials summed in strip order, whatever the thread count. Serial: 2 Ch adds per
+    // strip, less than a parallel region costs on a busy machine. dw2 and db1 get their own
+    // buffers: the op's outputs must not alias one another.
+    dw2 = at::zeros({Ch}, acc_opts);
+    db1 = at::zeros({Ch}, acc_opts);
     {
       const acc_t* pp = part.const_data_ptr<acc_t>();
-      acc_t* outs[2] = {dw2.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>()};
-      at::parallel_for(0, 2 * Ch, 256, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          acc_t t = 0;
-          for (int64_t blk = 0; blk < nblk; ++blk) t += pp[blk * 2 * Ch + k];
-          outs[k / Ch][k % Ch] = t;
-        }
-      });
+      acc_t* __restrict o1 = dw2.mutable_data_ptr<acc_t>();
+      acc_t* __restrict o2 = db1.mutable_data_ptr<acc_t>();
+      for (int64_t st = 0; st < nstrips; ++st) {
+        const acc_t* p = pp + st * 2 * Ch;
+        for (int64_t k = 0; k < Ch; ++k) o1[k] += p[k];
+        for (int64_t k = 0; k < Ch; ++k) o2[k] += p[Ch + k];
+      }
     }
     const acc_t* dsp = ds.const_data_ptr<acc_t>();
     acc_t tot = 0;
