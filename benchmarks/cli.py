@@ -215,7 +215,9 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
             progress.advance(task)
         progress.update(task, description="done")
     finalize(rows, sections)
-    verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name) if "ops" in sections else []
+    verdicts = []
+    if "ops" in sections:
+        verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
     ctx["wall_s"] = round(time.perf_counter() - started, 1)
     data = report.payload(ctx, ceilings, rows, verdicts)
     for t in report.all_tables(rows, verdicts):
