@@ -78,5 +78,6 @@ def dtype_from_name(name: str) -> torch.dtype:
              "float64": torch.float64, "fp64": torch.float64}
     key = name.strip().lower()
     if key not in names:
-        raise ValueError(f"--dtype: expected one of float32, bfloat16, float16, float64, got {name!r}")
+        raise ValueError(f"--dtype: expected one of float32, bfloat16, float16, float64, "
+                         f"got {name!r}")
     return names[key]

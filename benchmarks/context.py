@@ -32,7 +32,8 @@ def device_description(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return (f"{props.name} ({props.multi_processor_count} SMs, "
                 f"{props.total_memory / 2**30:.0f} GiB)")
-    return f"{_cpu_model()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+    return (f"{_cpu_model()} ({os.cpu_count()} logical cores, "
+            f"{torch.get_num_threads()} torch threads)")
 
 
 def _cpu_model() -> str:

@@ -234,8 +234,8 @@ def write_markdown(path: Path, data: Dict[str, object], plots: Sequence[str]) ->
     lines.append(f"- torch {ctx.get('torch')}, triton {ctx.get('triton')}, "
                  f"python {ctx.get('python')}")
     commit = ctx.get("git_commit") or "unknown"
-    lines.append(f"- commit `{commit}`" + (" (working tree modified)" if ctx.get("git_dirty") else "")
-                 + f", {ctx.get('date')}")
+    dirty = " (working tree modified)" if ctx.get("git_dirty") else ""
+    lines.append(f"- commit `{commit}`{dirty}, {ctx.get('date')}")
     lines.append(f"- config: {json.dumps(cfg, default=str)}")
     if ceil:
         lines.append(f"- ceilings measured in this run: copy {ceil.get('copy_gbps', 0):.1f} GB/s, "

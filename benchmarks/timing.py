@@ -138,7 +138,9 @@ def _time_cpu(fns: Dict[str, Callable[[], object]], first_s: Dict[str, float],
             samples[n].append((time.perf_counter() - t0) / k)
         rounds += 1
         elapsed = time.perf_counter() - start
-        if rounds >= budget.max_rounds or (rounds >= budget.min_rounds and elapsed >= budget.seconds):
+        if rounds >= budget.max_rounds:
+            break
+        if rounds >= budget.min_rounds and elapsed >= budget.seconds:
             break
     return {n: _summary(samples[n], inner[n]) for n in names}
 

@@ -174,7 +174,8 @@ def finalize(rows: List[Row]) -> None:
         if r.get("section") != SECTION or r.get("status") != "ok":
             continue
         ref = none.get((r["preset"], r["stage"]))
-        if ref and ref.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
-            r["peak_mem_bytes_reduction_pct"] = 100.0 * (1 - r["peak_mem_bytes"] / ref["peak_mem_bytes"])
-        if ref and ref.get("step_peak_bytes") and r.get("step_peak_bytes") is not None:
-            r["step_peak_bytes_reduction_pct"] = 100.0 * (1 - r["step_peak_bytes"] / ref["step_peak_bytes"])
+        if ref is None:
+            continue
+        for key in ("peak_mem_bytes", "step_peak_bytes"):
+            if ref.get(key) and r.get(key) is not None:
+                r[f"{key}_reduction_pct"] = 100.0 * (1 - r[key] / ref[key])
