@@ -1,8 +1,10 @@
 """``--compare OLD.json``: the change of every matching number against an earlier run.
 
 Rows match on their identity (section, case, mode, provider, preset, compression, stage,
-dtype and the sweep parameters); each metric is printed old -> new with its change. Timings
-from different devices are not comparable; the header says when the devices differ.
+dtype and the sweep parameters); each metric is printed old -> new with its change. Times
+and rates move with the load of a shared machine; the ratios taken within each run
+(ratio_to_floor, fused_speedup) are the numbers to compare. Timings from different devices
+are not comparable; the output says when the devices differ.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ _IDENTITY = ("section", "case", "mode", "provider", "preset", "compression", "st
 # metric -> True when larger is better
 METRICS: Dict[str, bool] = {
     "median_ms": False, "gflops": True, "gbps": True, "peak_mem_bytes": False,
+    # ratios taken within one run: what survives a noisy shared machine
+    "ratio_to_floor": False, "fused_speedup": True,
     "visual_tokens": False, "prefill_flops": False, "kv_cache_bytes": False, "prefill_ms": False,
     "decode_tok_s": True, "step_ms": False, "params": False,
 }
