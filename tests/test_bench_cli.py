@@ -14,7 +14,7 @@ from benchmarks.cli import main, parse_args
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["--quick", "--out", str(out), "--preset", "tiny"]) == 0
+    assert main(["--quick", "--device", "cpu", "--out", str(out), "--preset", "tiny"]) == 0
     return out
 
 
