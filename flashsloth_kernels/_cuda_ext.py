@@ -126,7 +126,8 @@ def _load() -> Optional[str]:
 
 
 def load_error() -> Optional[str]:
-    """None once the extension is loaded (loading or JIT-building it now if needed), else why not."""
+    """None once the extension is loaded (loading or JIT-building it first if needed), else
+    why it cannot be."""
     return _load()
 
 
