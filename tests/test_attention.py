@@ -341,6 +341,20 @@ def test_flop_counter_counts_forward_and_backward():
     assert counter.get_total_flops() == counts[ATTN_BWD]
 
 
+def test_inference_calls_match_the_op_and_stay_observable():
+    """Calls needing no autograd skip the registered op's dispatch; the result is the op's, and
+    under a dispatch mode (FlopCounterMode) the op runs and is counted."""
+    q, k, v, mask = make_inputs(2, 4, 9, 50, 18, 36, mask_mode="mask")
+    with torch.no_grad():
+        direct = query_patch_attention(q, k, v, mask)
+        with FlopCounterMode(display=False) as counter:
+            observed = query_patch_attention(q, k, v, mask)
+    assert counter.get_total_flops() == 2 * 2 * 4 * 9 * 50 * (18 + 36)
+    assert torch.equal(direct, observed)
+    assert torch.equal(direct, ATTN(q, k, v, mask, 18 ** -0.5, "cpu")[0])
+    assert torch.equal(direct, query_patch_attention(q, k, v.requires_grad_(), mask))
+
+
 def test_auto_prefers_cpu_backend_on_cpu():
     why = attn_op.dispatcher.reasons("cpu", torch.device("cpu"), torch.float32)
     if why:

@@ -62,11 +62,16 @@ if _module_exists(_HOST_MODULES["cuda"]):
     dispatcher.register("cuda", _cuda_reasons)
 
 
+_HOSTS = {"reference": (reference.attn_reference_fwd, reference.attn_reference_bwd)}
+
+
 def _host(backend: str):
-    if backend == "reference":
-        return reference.attn_reference_fwd, reference.attn_reference_bwd
-    mod = importlib.import_module(_HOST_MODULES[backend])
-    return mod.attn_fwd, mod.attn_bwd
+    """(attn_fwd, attn_bwd) of a backend, its module imported on first use."""
+    fns = _HOSTS.get(backend)
+    if fns is None:
+        mod = importlib.import_module(_HOST_MODULES[backend])
+        fns = _HOSTS[backend] = (mod.attn_fwd, mod.attn_bwd)
+    return fns
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,18 +83,22 @@ def _degenerate(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return q.numel() == 0 or k.shape[2] == 0 or v.shape[3] == 0
 
 
-@torch.library.custom_op("flashsloth::query_patch_attention", mutates_args=())
-def _attn_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
              backend: str) -> Tuple[Tensor, Tensor]:
     if _degenerate(q, k, v):
         B, H, Lq, _ = q.shape
         out = q.new_zeros(B, H, Lq, v.shape[3])
         lse = q.new_full((B, H, Lq), math.inf, dtype=_lse_dtype(q.dtype))
         return out, lse
-    fwd, _ = _host(backend)
-    out, lse = fwd(q, k, v, key_padding_mask, scale)
+    out, lse = _host(backend)[0](q, k, v, key_padding_mask, scale)
     # the fake kernel promises contiguous outputs (no-ops for the backends' own buffers)
     return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("flashsloth::query_patch_attention", mutates_args=())
+def _attn_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
+             backend: str) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, key_padding_mask, scale, backend)
 
 
 @_attn_op.register_fake
@@ -105,8 +114,7 @@ def _attn_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if _degenerate(q, k, v):
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    _, bwd = _host(backend)
-    dq, dk, dv = bwd(grad_out, q, k, v, key_padding_mask, scale, out, lse)
+    dq, dk, dv = _host(backend)[1](grad_out, q, k, v, key_padding_mask, scale, out, lse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -176,6 +184,65 @@ def _check_scale(scale, Dk: int) -> float:
     return scale
 
 
+def _check_inputs(q, k, v, key_padding_mask) -> None:
+    """Raise TypeError / ValueError naming the argument, the shape got and the one expected.
+    The messages are built only on failure: this runs on every call."""
+    _checks.tensor("q", q, ndim=4)
+    _checks.tensor("k", k, ndim=4)
+    _checks.tensor("v", v, ndim=4)
+    _checks.same_dtype_device("q", q, k=k, v=v)
+    B, H, Lq, Dk = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dk:
+        _checks.shape("k", k, (B, H, None, Dk),
+                      f"(B, H, Lk, Dk) with B, H, Dk from q {tuple(q.shape)}")
+    Lk, Dv = k.shape[2], v.shape[3]
+    if v.shape[0] != B or v.shape[1] != H or v.shape[2] != Lk:
+        _checks.shape("v", v, (B, H, Lk, None), f"(B, H, Lk, Dv) with B, H from q "
+                      f"{tuple(q.shape)} and Lk from k {tuple(k.shape)}")
+    if not 1 <= Dk <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head size Dk in 1..{MAX_HEAD_DIM}, got {Dk} "
+                         f"(q of shape {tuple(q.shape)})")
+    if not 1 <= Dv <= MAX_HEAD_DIM:
+        raise ValueError(f"v: expected a head size Dv in 1..{MAX_HEAD_DIM}, got {Dv} "
+                         f"(v of shape {tuple(v.shape)})")
+    if key_padding_mask is not None:
+        _checks.tensor("key_padding_mask", key_padding_mask, floating=False)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = attend), "
+                            f"got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: expected a tensor on q's device {q.device}, "
+                             f"got {key_padding_mask.device}")
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != B \
+                or key_padding_mask.shape[1] != Lk:
+            _checks.shape("key_padding_mask", key_padding_mask, (B, Lk),
+                          f"(B, Lk) with B from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
+
+
+def _select_backend(backend: Optional[str], q: Tensor) -> str:
+    # Dispatcher.select goes through torch.compiler.assume_constant_result so that the choice
+    # is a constant under torch.compile; in eager mode that wrapper costs tens of us a call,
+    # and the plain resolution gives the same answer.
+    if torch.compiler.is_compiling():
+        return dispatcher.select(backend, q.device, q.dtype)
+    return dispatcher._select(backend, q.device, q.dtype, ())
+
+
+def _unobserved_inference(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True for an eager call that needs no autograd and that no mode, transform or tensor
+    subclass observes: the registered op would add nothing but its dispatch cost (~35 us a
+    call on a 2-core CPU, as much as the whole B = 1 kernel's margin), so the public
+    function calls the host function itself. Anything else goes through the op."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
+
+
 def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
                           key_padding_mask: Optional[Tensor] = None,
                           scale: Optional[float] = None, *,
@@ -205,33 +272,9 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
         >>> query_patch_attention(q, k, v).shape
         torch.Size([2, 32, 9, 36])
     """
-    _checks.tensor("q", q, ndim=4)
-    _checks.tensor("k", k, ndim=4)
-    _checks.tensor("v", v, ndim=4)
-    _checks.same_dtype_device("q", q, k=k, v=v)
-    B, H, Lq, Dk = q.shape
-    _checks.shape("k", k, (B, H, None, Dk), f"(B, H, Lk, Dk) with B, H, Dk from q {tuple(q.shape)}")
-    Lk = k.shape[2]
-    _checks.shape("v", v, (B, H, Lk, None),
-                  f"(B, H, Lk, Dv) with B, H from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
-    Dv = v.shape[3]
-    if not 1 <= Dk <= MAX_HEAD_DIM:
-        raise ValueError(f"q: expected a head size Dk in 1..{MAX_HEAD_DIM}, got {Dk} "
-                         f"(q of shape {tuple(q.shape)})")
-    if not 1 <= Dv <= MAX_HEAD_DIM:
-        raise ValueError(f"v: expected a head size Dv in 1..{MAX_HEAD_DIM}, got {Dv} "
-                         f"(v of shape {tuple(v.shape)})")
-    if key_padding_mask is not None:
-        _checks.tensor("key_padding_mask", key_padding_mask, floating=False)
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = attend), "
-                            f"got {key_padding_mask.dtype}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask: expected a tensor on q's device {q.device}, "
-                             f"got {key_padding_mask.device}")
-        _checks.shape("key_padding_mask", key_padding_mask, (B, Lk),
-                      f"(B, Lk) with B from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
-    scale = _check_scale(scale, Dk)
-    name = dispatcher.select(backend, q.device, q.dtype)
-    out, _ = _attn_op(q, k, v, key_padding_mask, scale, name)
-    return out
+    _check_inputs(q, k, v, key_padding_mask)
+    scale = _check_scale(scale, q.shape[3])
+    name = _select_backend(backend, q)
+    if _unobserved_inference(q, k, v):
+        return _forward(q, k, v, key_padding_mask, scale, name)[0]
+    return _attn_op(q, k, v, key_padding_mask, scale, name)[0]
