@@ -12,4 +12,5 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$OUT/install.log"
 python3 -m pytest -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
+OUT="$OUT" bash scripts/gpu_sanitize.sh 2>&1 | tail -20
 python3 -m benchmarks --device cuda --dtype bfloat16 --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
+from .._cuda_ext import cuda_reasons
 from .._dispatch import Dispatcher, cpu_reasons_for, reference_reasons, triton_reasons
 from . import reference
 
@@ -25,12 +26,14 @@ dispatcher = Dispatcher("spatial_attention_pool")
 dispatcher.register("reference", reference_reasons)
 dispatcher.register("cpu", cpu_reasons_for("flashsloth_kernels.sap._C"))
 dispatcher.register("triton", triton_reasons)
+dispatcher.register("cuda", cuda_reasons)
 
 # backend name -> module holding its host functions sap_fwd / sap_bwd (imported lazily,
 # so a missing Triton or extension costs nothing until that backend is chosen)
 _HOST_MODULES = {
     "cpu": "flashsloth_kernels.sap.fused_cpu",
     "triton": "flashsloth_kernels.sap.fused_triton",
+    "cuda": "flashsloth_kernels.sap.fused_cuda",
 }
 
 
