@@ -13,9 +13,9 @@
 //             dz = ds * w2 * mask * scale * [z + b1 > 0] written over z while accumulating the
 //             strip's partials of dw2 and db1; then dW1 = dz^T x (at::mm) and
 //             dx = dx_direct + dz W1 (at::addmm_ into dx_direct).
-// Elementwise work runs in float32 (float64 for float64 inputs). No result depends on the thread
-// count: a window is handled by one thread, sums across rows go through per-strip partials (the
-// strips are fixed by the problem) added up in strip order.
+// Elementwise work runs in float32 (float64 for float64 inputs). None of our sums depends on the
+// thread count: a window is handled by one thread, sums across rows go through per-strip partials
+// (the strips are fixed by the problem) added up in strip order. (The GEMMs are MKL's / oneDNN's.)
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

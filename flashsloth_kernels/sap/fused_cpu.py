@@ -2,16 +2,20 @@
 
 The kernels live in csrc/sap/sap_cpu.cpp and register as ``torch.ops.flashsloth_C.sap_fwd_cpu``
 and ``sap_bwd_cpu`` when ``flashsloth_kernels.sap._C`` is imported. Design: the scorer's first
-Linear runs as one MKL/oneDNN GEMM (x W1^T, b1 added in the epilogue), the rest (bias, ReLU,
-dropout mask, dot with w2, window softmax, weighted sum) is one fused parallel pass over the
-windows; the backward recomputes that GEMM instead of saving the (B, N, Ch) activations, fuses the
-softmax and activation backward into two passes and hands dW1 / dx to two more GEMMs.
+Linear runs as one MKL/oneDNN GEMM (x W1^T, b1 added in the epilogue); everything else (bias,
+ReLU, dropout mask, dot with w2, window softmax, weighted sum) is one fused parallel pass over
+the windows. The backward recomputes that GEMM instead of saving the (B, N, Ch) activations,
+fuses the softmax and activation backward into one pass, and hands dW1 and dx to two GEMMs.
+(Measured on a 2-core CPU: running the GEMM per strip of windows, so that z stays in cache, was
+7-25% slower than one big GEMM plus the pass, so the op does the latter.)
 
-Numerics: elementwise work in float32 (float64 for float64 inputs); the result does not depend
-on the number of threads. GEMM dtype: float32 / float64 inputs use their own dtype. bfloat16
-(and float16) GEMMs run in that dtype when oneDNN reports a fast 16-bit GEMM on this CPU (it
-accumulates in float32, its outputs are rounded to 16 bits); otherwise the operands are upcast
-and the GEMMs run in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower than sgemm.
+Numerics: elementwise work in float32 (float64 for float64 inputs). Determinism: every sum of
+ours runs in a fixed order, independent of the thread count (the GEMMs are MKL's / oneDNN's;
+all outputs were bitwise equal at 1 and 2 threads here). GEMM dtypes: float32 / float64 inputs use their own. For bfloat16 (float16)
+inputs on a CPU where oneDNN has a fast 16-bit GEMM, the forward GEMM and the backward's dW1 / dx
+GEMMs run in that dtype (fp32 accumulation, 16-bit outputs) while the backward recomputes z in
+float32 (its window softmax backward cancels too much for a 16-bit z); elsewhere the operands are
+upcast and every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower.
 """
 
 from __future__ import annotations
