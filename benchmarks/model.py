@@ -14,6 +14,8 @@ For the presets timed on this device (--preset; default: "tiny" and "tiny-27" on
   prefill_ms       median prefill latency (batch 1, sequence as above)
   decode_tok_s     greedy cached decoding after that prefill, tokens per second
   peak_mem_bytes   high-water mark of memory during prefill + decode, above the weights
+                   (the modes of a preset are timed in interleaved rounds when their models
+                   fit in memory together)
 Each number gets its reduction against "none" of the same preset: 100 * (1 - mode / none)
 (decode: a speedup, mode / none).
 
@@ -33,7 +35,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .common import Case, Row, RunConfig, error_row, free_memory, status_row
+from .common import Case, Row, RunConfig, free_memory, status_row
 from .flops import count_flops_by_op
 from .timing import _quartiles, peak_memory_bytes, synchronize
 
@@ -212,74 +214,135 @@ def _counts(preset: str, compression: str, dtype: torch.dtype) -> Row:
             "kv_cache_bytes": kv_cache_bytes(model, L), "note": note}
 
 
-def _latency(preset: str, compression: str, cfg_run: RunConfig) -> Row:
-    """Prefill latency, decode tokens/s and peak memory of one model on the run's device."""
-    from flashsloth.model import FlashSloth
+class _Timed:
+    """One compression mode's model, prompt and timed prefill / decode closures."""
 
-    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 32)
-    reps = 3 if cfg_run.quick else 5
-    cfg, _ = model_config(preset, compression, extra_positions=n_new)
-    dev = cfg_run.device
-    torch.manual_seed(0)
-    model = FlashSloth(cfg, device=dev, dtype=cfg_run.dtype).eval()
-    ids = prompt_ids(cfg).to(dev)
-    px = torch.rand(pixel_shape(cfg), device=dev).to(cfg_run.dtype)
+    def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int):
+        from flashsloth.model import FlashSloth
 
-    def prefill():
-        return model.prefill(px, ids, max_new_tokens=n_new)
+        cfg, _ = model_config(preset, compression, extra_positions=n_new)
+        dev = cfg_run.device
+        torch.manual_seed(0)
+        self.model = FlashSloth(cfg, device=dev, dtype=cfg_run.dtype).eval()
+        self.ids = prompt_ids(cfg).to(dev)
+        self.px = torch.rand(pixel_shape(cfg), device=dev).to(cfg_run.dtype)
+        self.n_new = n_new
+        self.dev = dev
+        self.prefill_s: List[float] = []
+        self.decode_s: List[float] = []
 
-    def decode(logits, cache):
+    def prefill(self):
+        return self.model.prefill(self.px, self.ids, max_new_tokens=self.n_new)
+
+    def decode(self, logits, cache):
         tok = logits.argmax(-1)
-        for _ in range(n_new):
-            tok = model.decode_step(tok, cache).argmax(-1)
+        for _ in range(self.n_new):
+            tok = self.model.decode_step(tok, cache).argmax(-1)
         return tok
 
-    def both():
-        logits, cache = prefill()
-        return decode(logits, cache)
+    def both(self):
+        return self.decode(*self.prefill())
 
-    both()  # warm-up (lazy init, allocator, first-call dispatch)
-    pre_s, dec_s = [], []
-    for _ in range(reps):
-        synchronize(dev)
+    def sample(self) -> None:
+        synchronize(self.dev)
         t0 = time.perf_counter()
-        logits, cache = prefill()
-        synchronize(dev)
+        logits, cache = self.prefill()
+        synchronize(self.dev)
         t1 = time.perf_counter()
-        decode(logits, cache)
-        synchronize(dev)
-        pre_s.append(t1 - t0)
-        dec_s.append(time.perf_counter() - t1)
-        del logits, cache
-    _, pre_med, _ = _quartiles([s * 1e3 for s in pre_s])
-    q25, _, q75 = _quartiles([s * 1e3 for s in pre_s])
-    _, dec_med, _ = _quartiles(dec_s)
-    with torch.no_grad():
-        peak = peak_memory_bytes(both, dev)
-    row: Row = {"prefill_ms": pre_med, "prefill_q25_ms": q25, "prefill_q75_ms": q75,
-                "decode_tok_s": n_new / dec_med, "decode_tokens": n_new, "reps": reps,
-                "peak_mem_bytes": peak}
-    del model
-    free_memory(dev)
-    return row
+        self.decode(logits, cache)
+        synchronize(self.dev)
+        self.prefill_s.append(t1 - t0)
+        self.decode_s.append(time.perf_counter() - t1)
+
+    def row(self) -> Row:
+        q25, med, q75 = _quartiles([s * 1e3 for s in self.prefill_s])
+        _, dec_med, _ = _quartiles(self.decode_s)
+        with torch.no_grad():
+            peak = peak_memory_bytes(self.both, self.dev)
+        return {"prefill_ms": med, "prefill_q25_ms": q25, "prefill_q75_ms": q75,
+                "decode_tok_s": self.n_new / dec_med, "decode_tokens": self.n_new,
+                "reps": len(self.prefill_s), "peak_mem_bytes": peak}
 
 
-def _case(preset: str, compression: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
-    base: Row = {"section": SECTION, "case": f"{preset}/{compression}", "provider": "-",
-                 "mode": "prefill+decode" if timed else "count", "preset": preset,
-                 "compression": compression, "dtype": cfg_run.dtype_name}
+def _fits_together(preset: str, cfg_run: RunConfig) -> bool:
+    """Whether the models of every mode fit in memory at once (then they are timed in
+    interleaved rounds, so the noise of a shared machine hits every mode alike)."""
+    from flashsloth.model import FlashSloth
+
+    cfg, _ = model_config(preset, "flashsloth")
+    meta = FlashSloth(cfg, device="meta", dtype=cfg_run.dtype)
+    need = len(COMPRESSIONS) * sum(p.nbytes for p in meta.parameters())
+    if cfg_run.on_gpu:
+        free, _ = torch.cuda.mem_get_info(cfg_run.device)
+        return need < 0.5 * free
+    return need < (2 << 30)
+
+
+def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
+    """Prefill latency, decode tokens/s and peak memory of every mode of ``preset``.
+
+    Timed after one warm-up prefill + decode each; when the models fit together, the modes
+    take turns (one sample of each per round, the order rotated); otherwise one model at a
+    time. A mode that fails gets {"latency_note": why}.
+    """
+    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 32)
+    reps = 3 if cfg_run.quick else 5
+    out: Dict[str, Row] = {}
+
+    def run_modes(modes: List[str]) -> None:
+        live: Dict[str, _Timed] = {}
+        for comp in modes:
+            try:
+                t = _Timed(preset, comp, cfg_run, n_new)
+                t.both()  # warm-up (lazy init, allocator, first-call dispatch)
+                live[comp] = t
+            except Exception as exc:
+                out[comp] = {"latency_note": _why(exc)}
+        names = list(live)
+        for r in range(reps):
+            for comp in names[r % max(1, len(names)):] + names[:r % max(1, len(names))]:
+                live[comp].sample()
+        for comp in names:
+            out[comp] = live[comp].row()
+        live.clear()
+        free_memory(cfg_run.device)
+
+    if _fits_together(preset, cfg_run):
+        run_modes(list(COMPRESSIONS))
+    else:
+        for comp in COMPRESSIONS:
+            run_modes([comp])
+    return out
+
+
+def _preset_case(preset: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
+    rows = [_case(preset, comp, cfg_run) for comp in COMPRESSIONS]
+    if not timed:
+        return rows
     try:
-        row = {**base, "status": "ok", **_counts(preset, compression, cfg_run.dtype)}
+        lat = _latencies(preset, cfg_run)
     except Exception as exc:
-        return [{**error_row(SECTION, base["case"], exc), **base, "status": _status(exc),
-                 "note": _why(exc)}]
-    if timed:
-        try:
-            row.update(_latency(preset, compression, cfg_run))
-        except Exception as exc:
-            row["latency_note"] = _why(exc)
-            row["note"] = "; ".join(s for s in (row.get("note"), f"latency: {_why(exc)}") if s)
-    return [row]
+        lat = {comp: {"latency_note": _why(exc)} for comp in COMPRESSIONS}
+    for row in rows:
+        extra = lat.get(row["compression"], {})
+        if row["status"] != "ok":
+            continue
+        row["mode"] = "prefill+decode"
+        row.update(extra)
+        why = extra.get("latency_note")
+        if why:
+            row["note"] = "; ".join(s for s in (row.get("note"), f"latency: {why}") if s)
+    return rows
+
+
+def _case(preset: str, compression: str, cfg_run: RunConfig) -> Row:
+    base: Row = {"section": SECTION, "case": f"{preset}/{compression}", "provider": "-",
+                 "mode": "count", "preset": preset, "compression": compression,
+                 "dtype": cfg_run.dtype_name}
+    try:
+        return {**base, "status": "ok", **_counts(preset, compression, cfg_run.dtype)}
+    except Exception as exc:
+        return {**base, "status": _status(exc), "note": _why(exc)}
 
 
 def _status(exc: BaseException) -> str:
@@ -301,13 +364,8 @@ def cases(cfg: RunConfig) -> List[Case]:
     timed = default_presets(cfg)
     presets = list(ALL_PRESETS) if not cfg.quick else ["tiny", "flashsloth-3.2b"]
     presets += [p for p in timed if p not in presets]
-    out: List[Case] = []
-    for preset in presets:
-        for comp in COMPRESSIONS:
-            is_timed = preset in timed
-            out.append(Case(SECTION, f"{preset} {comp}" + (" (timed)" if is_timed else ""),
-                            lambda p=preset, c=comp, t=is_timed: _case(p, c, cfg, t)))
-    return out
+    return [Case(SECTION, f"{preset}" + (" (counted, timed)" if preset in timed else " (counted)"),
+                 lambda p=preset: _preset_case(p, cfg, p in timed)) for preset in presets]
 
 
 _REDUCED = ("visual_tokens", "prefill_flops", "kv_cache_bytes", "peak_mem_bytes", "prefill_ms",
