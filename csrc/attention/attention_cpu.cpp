@@ -256,17 +256,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_inputs("query_patch_attention_bwd", q_in, k_in, v_in, mask_in, scale);
   const auto acc = acc_type(q_in.scalar_type());
   const std::vector<int64_t> osize{q_in.size(0), q_in.size(1), q_in.size(2), v_in.size(3)};
-  TORCH_CHECK(dout_in.sizes() == at::IntArrayRef(osize) && out_in.sizes() == at::IntArrayRef(osize),
-              "query_patch_attention_bwd: grad_out and out must have shape ", at::IntArrayRef(osize),
-              ", got ", dout_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+  const at::IntArrayRef out_shape(osize);
+  TORCH_CHECK(dout_in.sizes() == out_shape && out_in.sizes() == out_shape,
+              "query_patch_attention_bwd: grad_out and out must have shape ", out_shape, ", got ",
+              dout_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() &&
+                  out_in.scalar_type() == q_in.scalar_type(),
               "query_patch_attention_bwd: grad_out and out must have q's dtype");
   TORCH_CHECK(lse_in.scalar_type() == acc && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
                   lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
               "query_patch_attention_bwd: lse must be ", acc, " of shape (B, H, Lq), got ",
               lse_in.scalar_type(), " ", lse_in.sizes());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
   Shape s{};
   s.B = q.size(0);
   s.H = q.size(1);

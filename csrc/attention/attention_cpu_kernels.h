@@ -83,7 +83,9 @@ static inline uint32_t float_to_bits(float f) {
 }
 static inline float load_elem(const float* p) { return *p; }
 static inline double load_elem(const double* p) { return *p; }
-static inline float load_elem(const c10::BFloat16* p) { return bits_to_float(uint32_t(p->x) << 16); }
+static inline float load_elem(const c10::BFloat16* p) {
+  return bits_to_float(uint32_t(p->x) << 16);
+}
 static inline float load_elem(const c10::Half* p) {
   const uint32_t w = uint32_t(p->x) << 16;
   const uint32_t sign = w & 0x80000000u;
@@ -216,7 +218,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     for (int64_t qb = 0; qb < nqb; ++qb) {
       const A* qtb = qt + qb * Dk * W;
       int t = 0;
-      for (; t + kGroup <= nv; t += kGroup) score_group<A, kGroup>(qtb, kcp, Dk, idx + t, st + t * W);
+      for (; t + kGroup <= nv; t += kGroup)
+        score_group<A, kGroup>(qtb, kcp, Dk, idx + t, st + t * W);
       for (; t < nv; ++t) score_group<A, 1>(qtb, kcp, Dk, idx + t, st + t * W);
       V mx = vload(st);
       for (t = 1; t < nv; ++t) mx = vmax<A>(mx, vload(st + t * W));
@@ -242,8 +245,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const A inf = std::numeric_limits<A>::infinity();
   const int64_t BH = s.B * s.H;
   for (int64_t i = 0; i < R; ++i) {
-    const int64_t lane = (i / W) * W + i % W;
-    const A li = lb[lane], mi = mb[lane];
+    const A li = lb[i], mi = mb[i];  // lane i % W of query block i / W
     const A inv = li > 0 ? A(1) / li : A(0);
     const A lse = li > 0 ? (mi + std::log2(li)) * A(0.6931471805599453) : inf;
     const A* oti = ot + (i / W) * Dv * W + i % W;
