@@ -1,0 +1,190 @@
+"""Training data: the JSONL format, tokenisation into labelled sequences, bad lines, the
+synthetic grounding generator."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from flashsloth import FlashSlothConfig
+from flashsloth.config import IGNORE_INDEX
+from flashsloth.data import (ConversationDataset, ConversationEncoder, DataError, ShardedSampler,
+                             collate, expanded_length, read_examples)
+from flashsloth.preprocess import Tokenizer
+from flashsloth.synthetic import COLOURS, SHAPES, GroundingSpec, generate, vocabulary
+
+
+@pytest.fixture(scope="module")
+def grounding(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grounding")
+    generate(str(out), GroundingSpec(train=6, test=2, turns=2, seed=3))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tok(grounding):
+    return Tokenizer(grounding)
+
+
+def _cfg(**kw):
+    return FlashSlothConfig.preset("tiny", **kw)
+
+
+def test_encoder_labels_answers_only_and_marks_questions(tok):
+    cfg = _cfg()
+    enc = ConversationEncoder(tok, cfg, system="")
+    ids, labels, qmask = enc.encode([("what shape is at a1 ?", "circle"),
+                                     ("what colour is the shape at b2 ?", "red")])
+    words = {w: i for i, w in enumerate(vocabulary(6))}
+    eos = cfg.text.eos_token_id
+    # answers and their EOS are the only labelled tokens
+    assert [t for t in labels if t != IGNORE_INDEX] == [words["circle"], eos, words["red"], eos]
+    assert [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX] == \
+        [t for t in labels if t != IGNORE_INDEX]
+    # one image marker first, one slot per turn right after each question
+    assert ids.count(cfg.image_token_id) == 1 and ids.count(cfg.query_token_id) == 2
+    assert ids[ids.index(cfg.image_token_id) + 1] == words["\n"]
+    q1 = [t for t, m in zip(ids, qmask) if m]
+    assert q1 == tok.encode("what shape is at a1 ?") + tok.encode("what colour is the shape at b2 ?")
+    for slot in [i for i, t in enumerate(ids) if t == cfg.query_token_id]:
+        assert qmask[slot - 1] and not qmask[slot]
+    # the default system prompt is the original's
+    ids_sys, _, _ = ConversationEncoder(tok, cfg).encode([("what shape is at a1 ?", "circle")])
+    assert len(ids_sys) > len(enc.encode([("what shape is at a1 ?", "circle")])[0])
+
+
+def test_expanded_length_counts_visual_and_query_tokens(tok):
+    for comp, per_turn in (("flashsloth", 9), ("sap", 0), ("avgpool", 0)):
+        cfg = _cfg(compression=comp)
+        ids, _, _ = ConversationEncoder(tok, cfg, system="").encode([("what shape is at a1 ?", "x")] * 2)
+        # marker -> 4 visual tokens (6 x 6 patches, 3 x 3 windows); slot -> 9 queries or nothing
+        assert expanded_length(len(ids), 2, cfg) == len(ids) - 1 + 4 + 2 * (per_turn - 1)
+
+
+def test_dataset_items_and_collate(grounding, tok):
+    cfg = _cfg()
+    ds = ConversationDataset(os.path.join(grounding, "train.jsonl"), tok, cfg, system="")
+    assert len(ds) == 6 and ds.issues == []
+    item = ds[0]
+    assert item["pixel_values"].shape == (3, 84, 84) and item["line"] == 1
+    batch = collate([ds[0], ds[1], ds[2]], pad_token_id=0)
+    B, T = batch["input_ids"].shape
+    assert B == 3 and batch["images"].shape == (3, 3, 84, 84)
+    assert batch["attention_mask"].dtype == torch.bool
+    assert ((batch["labels"] != IGNORE_INDEX) <= batch["attention_mask"]).all()
+    assert ((batch["question_mask"]) <= batch["attention_mask"]).all()
+    assert batch["lines"] == [1, 2, 3]
+
+
+def _write(path, rows):
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def test_bad_lines_reported_with_line_numbers(grounding, tok, tmp_path, capsys):
+    cfg = _cfg()
+    img = os.path.join(grounding, "images", "train_000000.png")
+    good = {"image": img, "conversations": [{"from": "human", "value": "<image>\nwhat shape is at a1 ?"},
+                                            {"from": "gpt", "value": "circle"}]}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows = [
+        good,                                                                    # 1 ok
+        "{not json",                                                             # 2
+        {**good, "image": str(tmp_path / "nowhere.png")},                        # 3 missing image
+        {"image": img, "conversations": [{"from": "human", "value": "what ?"}]},  # 4 no answer
+        {"image": img, "conversations": [{"from": "human", "value": "a1 " * 600},
+                                         {"from": "gpt", "value": "red"}]},       # 5 too long
+        "",                                                                      # 6 blank: ignored
+        {**good, "image": str(broken)},                                          # 7 unreadable
+        {"conversations": good["conversations"]},                                # 8 no image key
+        {"image": img, "conversations": [{"from": "human", "value": "q"},
+                                         {"from": "gpt", "value": "  "}]},        # 9 empty answer
+        good,                                                                    # 10 ok
+    ]
+    path = tmp_path / "data.jsonl"
+    _write(path, rows)
+    examples, issues = read_examples(str(path), ConversationEncoder(tok, cfg, system=""))
+    assert [e.line for e in examples] == [1, 10]
+    by_line = {i.line: i.reason for i in issues}
+    assert sorted(by_line) == [2, 3, 4, 5, 7, 8, 9]
+    assert "not valid JSON" in by_line[2]
+    assert "missing image" in by_line[3] and "nowhere.png" in by_line[3]
+    assert "no answer" in by_line[4] and "no answer" in by_line[9]
+    assert "too long" in by_line[5] and "limit is 512" in by_line[5]
+    assert "unreadable image" in by_line[7]
+    assert "no \"image\"" in by_line[8]
+    # skip: every bad line is reported, with file and line number
+    ds = ConversationDataset(str(path), tok, cfg, system="")
+    assert len(ds) == 2
+    err = capsys.readouterr().err
+    for n in (2, 3, 4, 5, 7, 8, 9):
+        assert f"data.jsonl:{n}:" in err
+    # error: one exception listing them all
+    with pytest.raises(DataError) as exc:
+        ConversationDataset(str(path), tok, cfg, system="", on_bad="error")
+    assert len(exc.value.issues) == 7 and "data.jsonl:5: too long" in str(exc.value)
+
+
+def test_all_bad_lines_is_an_error(tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    _write(path, ["[1, 2]"])
+    with pytest.raises(ValueError, match="no usable line"):
+        ConversationDataset(str(path), tok, _cfg(), system="", report=lambda issue: None)
+
+
+def test_sharded_sampler_splits_and_resumes():
+    s0 = ShardedSampler(10, world_size=2, rank=0, seed=5)
+    s1 = ShardedSampler(10, world_size=2, rank=1, seed=5)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))
+    s0.set_epoch(1)
+    assert list(s0) != a                       # a new order each epoch
+    s0.set_epoch(1, start=3)
+    full = ShardedSampler(10, world_size=2, rank=0, seed=5)
+    full.set_epoch(1)
+    assert list(s0) == list(full)[3:] and len(s0) == 2
+    odd = ShardedSampler(5, world_size=2, rank=1)
+    assert len(list(odd)) == 3                 # padded by wrapping: equal shares
+
+
+def test_synthetic_is_reproducible_and_answers_match_pixels(tmp_path):
+    spec = GroundingSpec(train=5, test=0, turns=3, seed=11)
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(str(a), spec)
+    generate(str(b), spec)
+    assert (a / "train.jsonl").read_text() == (b / "train.jsonl").read_text()
+    assert (a / "images" / "train_000004.png").read_bytes() == \
+        (b / "images" / "train_000004.png").read_bytes()
+    from PIL import Image
+
+    tok = Tokenizer(str(a))
+    unk = tok.token_to_id("<unk>")
+    for line in (a / "train.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        pixels = np.asarray(Image.open(a / rec["image"]).convert("RGB"))
+        assert pixels.shape == (84, 84, 3)
+        for (row, col), kind, turn in zip(rec["cell"], rec["kind"], range(0, 99, 2)):
+            q, ans = rec["conversations"][turn]["value"], rec["conversations"][turn + 1]["value"]
+            assert unk not in tok.encode(q.replace("<image>", "")) and unk not in tok.encode(ans)
+            cell = pixels[(row - 1) * 14:row * 14, (col - 1) * 14:col * 14].reshape(-1, 3)
+            lit = cell[cell.sum(1) > 0]
+            if kind == "colour":
+                assert ans in COLOURS
+                assert (lit == np.array(COLOURS[ans])).all(1).all()
+            else:
+                assert ans in SHAPES
+
+
+def test_synthetic_cli_and_bad_arguments(tmp_path, capsys):
+    from flashsloth.synthetic import main
+
+    assert main(["--out", str(tmp_path / "d"), "--train", "2", "--test", "1"]) == 0
+    assert (tmp_path / "d" / "tokenizer.json").is_file()
+    assert main(["--out", str(tmp_path / "e"), "--kinds", "size"]) == 2
+    assert "kinds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="grid"):
+        GroundingSpec(grid=0).validate()
