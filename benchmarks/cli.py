@@ -206,12 +206,15 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
                         TimeElapsedColumn(), console=console, transient=False)
     with progress:
         task = progress.add_task("cases", total=len(cases))
+        case_seconds: Dict[str, float] = {}
         for case in cases:
             progress.update(task, description=f"{case.section}: {case.name}")
+            t0 = time.perf_counter()
             try:
                 rows.extend(case.run())
             except Exception as exc:  # one broken case never stops the suite
                 rows.append(error_row(case.section, case.name, exc))
+            case_seconds[f"{case.section}: {case.name}"] = round(time.perf_counter() - t0, 2)
             progress.advance(task)
         progress.update(task, description="done")
     finalize(rows, sections)
@@ -219,6 +222,7 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
     if "ops" in sections:
         verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
     ctx["wall_s"] = round(time.perf_counter() - started, 1)
+    ctx["case_seconds"] = case_seconds
     data = report.payload(ctx, ceilings, rows, verdicts)
     for t in report.all_tables(rows, verdicts):
         _print_table(console, t)

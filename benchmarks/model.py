@@ -285,7 +285,7 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
     take turns (one sample of each per round, the order rotated); otherwise one model at a
     time. A mode that fails gets {"latency_note": why}.
     """
-    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 32)
+    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 16)
     reps = 3 if cfg_run.quick else 5
     out: Dict[str, Row] = {}
 

@@ -155,6 +155,10 @@ def _build(cfg: RunConfig, B: int, mode: str) -> OpCase:
                               note="vectorised eager reference"))
     if cfg.quick:
         unavailable["compile"] = "skipped in --quick (compile time)"
+    elif not cfg.on_gpu and B != 4:
+        # each batch size compiles anew (10-30 s of a 2-core CPU): B = 4, the size of the
+        # forward + backward bar, stands for the sweep
+        unavailable["compile"] = "compiled on CPU at B = 4 only (compile time)"
     else:
         compiled = _compiled_reference()
         try:
@@ -173,7 +177,8 @@ _COMPILED: Optional[object] = None
 
 def _compiled_reference():
     """One torch.compile object shared by every case, so that after the first two batch
-    sizes (1 is specialised, the next makes the batch dynamic) the sweep stops recompiling."""
+    sizes (the first is specialised, the next makes the batch dynamic) the sweep stops
+    recompiling."""
     global _COMPILED
     if _COMPILED is None:
         from flashsloth_kernels.sap.reference import sap_reference
