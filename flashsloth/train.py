@@ -732,6 +732,11 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6 kept it under _composable
             from torch.distributed._composable.fsdp import fully_shard
+        import warnings
+
+        # FSDP2 warns that the root returns views (the logits slice); the trainer never
+        # modifies outputs in place, which is what the warning is about
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
         for layer in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
             fully_shard(layer)
         fully_shard(model)
