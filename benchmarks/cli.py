@@ -14,6 +14,7 @@ results.csv, report.md, speedup.png, latency.png, model.png.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,8 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
         verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
     ctx["wall_s"] = round(time.perf_counter() - started, 1)
     ctx["case_seconds"] = case_seconds
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    ctx["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # wall_s / cpu_s: machine load
     data = report.payload(ctx, ceilings, rows, verdicts)
     for t in report.all_tables(rows, verdicts):
         _print_table(console, t)

@@ -187,6 +187,8 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
     else:
         if grad and not cfg.on_gpu:
             unavailable["flex"] = "FlexAttention has no backward on CPU"
+        elif not cfg.on_gpu and B != 16:
+            unavailable["flex"] = "compiled on CPU at B = 16 only (compile time)"
         else:
             flex = _compiled("flex")
             try:
