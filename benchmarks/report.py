@@ -326,8 +326,11 @@ def _plot_latency(plt, rows, title):
     for sec in _op_sections(rows):
         for mode in ("fwd", "fwd+bwd"):
             sel = [r for r in _ok(rows, sec) if r.get("mode") == mode and r.get("B") is not None]
-            if sel:
-                panels.append((sec, mode, sel))
+            # one panel per key count (attention sweeps Lk = 729 and the HD 3645)
+            for lk in dict.fromkeys(r.get("Lk") for r in sel):
+                part = [r for r in sel if r.get("Lk") == lk]
+                label = mode if lk is None else f"{mode} Lk={lk}"
+                panels.append((sec, label, part))
     if not panels:
         return None
     ncol = 2
@@ -338,8 +341,7 @@ def _plot_latency(plt, rows, title):
     for ax, (sec, mode, sel) in zip(axes.flat, panels):
         groups = {}
         for r in sel:
-            extra = f" Lk={r['Lk']}" if r.get("Lk") is not None else ""
-            groups.setdefault(f"{r['provider']}{extra}", []).append((r["B"], r["median_ms"]))
+            groups.setdefault(r["provider"], []).append((r["B"], r["median_ms"]))
         for label, pts in groups.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
