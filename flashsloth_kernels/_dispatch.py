@@ -66,9 +66,13 @@ class Dispatcher:
         """Resolve ``requested`` (None, "auto" or a name) to a backend that can run.
 
         Under torch.compile the choice is made once at trace time and baked into the
-        graph as a constant (facts must be plain ints / strs / bools).
+        graph as a constant (facts must be plain ints / strs / bools). In eager mode the
+        plain resolution runs: the constant-result wrapper costs tens of us a call.
         """
-        return _select_constant(self, requested, device, dtype, tuple(sorted(facts.items())))
+        items = tuple(sorted(facts.items()))
+        if torch.compiler.is_compiling():
+            return _select_constant(self, requested, device, dtype, items)
+        return self._select(requested, device, dtype, items)
 
     def _select(self, requested, device, dtype, facts_items) -> str:
         facts = dict(facts_items)
