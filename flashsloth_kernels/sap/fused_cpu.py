@@ -85,9 +85,9 @@ def _(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, lowp_gemm):
 @torch.library.register_fake("flashsloth_C::sap_bwd_cpu")
 def _(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, need_x, need_w,
       lowp_gemm):
-    empty = x.new_empty(0)
-    dx = torch.empty_like(x) if need_x else empty
+    # contiguous gradients; unneeded ones are distinct empty tensors (outputs may not alias)
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     if not need_w:
-        return dx, empty, empty, empty, empty
-    return dx, torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2), \
-        w2.new_empty(1)
+        return (dx,) + tuple(x.new_empty(0) for _ in range(4))
+    return (dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
+            w2.new_empty(1))
