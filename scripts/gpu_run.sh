@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU machine runs there, in one call (no network there:
-# the machine carries torch, triton, ninja, pytest and pytest-benchmark).
-#   device run: bash scripts/gpu_run.sh
-# Installs the package (building the CUDA extension), runs the test suite on the GPU,
-# then the benchmark suite at full size, writing benchmarks/results/<device>/ into $OUT.
+# What a session with a GPU machine runs there (no network there: the machine carries
+# torch, triton, ninja, pytest and pytest-benchmark). The device tool allows 10 minutes a
+# command and returns at most 8 files from $OUT, so the work comes in two stages, one call
+# each, and each stage packs its logs and results into one tarball:
+#
+#   device run: bash scripts/gpu_run.sh test    # install (builds the CUDA extension), tests, sanitizer
+#   device run: bash scripts/gpu_run.sh bench   # install if needed, full benchmark suite
+#
+# Unpack $OUT/gpu-<stage>.tar.gz here; commit benchmarks/results/<device>/ from the bench stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STAGE=${1:-test}
 OUT=${OUT:-/tmp/flashsloth-out}
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$OUT/install.log"
-python3 -m pytest -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
-OUT="$OUT" bash scripts/gpu_sanitize.sh 2>&1 | tail -20
-python3 -m benchmarks --device cuda --dtype bfloat16 --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
+python3 -m pip install --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 \
+  || { tail -30 "$LOGS/install.log"; }
+case "$STAGE" in
+  test)
+    timeout 420 python3 -m pytest -q -x ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest.log" | tail -40
+    OUT="$LOGS/sanitize" timeout 150 bash scripts/gpu_sanitize.sh 2>&1 | tail -20
+    ;;
+  bench)
+    timeout 540 python3 -m benchmarks --device cuda --dtype bfloat16 --out "$OUT/results" ${BENCH_ARGS:-} \
+      2>&1 | tee "$LOGS/bench.log" | tail -80
+    ;;
+  *) echo "usage: gpu_run.sh test|bench" >&2; exit 2 ;;
+esac
+tar -czf "$OUT/gpu-$STAGE.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d logs results 2>/dev/null)
+rm -rf "$LOGS" "$OUT/results"
