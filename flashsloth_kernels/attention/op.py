@@ -219,15 +219,6 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
                           f"(B, Lk) with B from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
 
 
-def _select_backend(backend: Optional[str], q: Tensor) -> str:
-    # Dispatcher.select goes through torch.compiler.assume_constant_result so that the choice
-    # is a constant under torch.compile; in eager mode that wrapper costs tens of us a call,
-    # and the plain resolution gives the same answer.
-    if torch.compiler.is_compiling():
-        return dispatcher.select(backend, q.device, q.dtype)
-    return dispatcher._select(backend, q.device, q.dtype, ())
-
-
 def _unobserved_inference(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True for an eager call that needs no autograd and that no mode, transform or tensor
     subclass observes: the registered op would add nothing but its dispatch cost (~35 us a
@@ -274,7 +265,7 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
     """
     _check_inputs(q, k, v, key_padding_mask)
     scale = _check_scale(scale, q.shape[3])
-    name = _select_backend(backend, q)
+    name = dispatcher.select(backend, q.device, q.dtype)
     if _unobserved_inference(q, k, v):
         return _forward(q, k, v, key_padding_mask, scale, name)[0]
     return _attn_op(q, k, v, key_padding_mask, scale, name)[0]
