@@ -61,7 +61,10 @@ class GroundingSpec:
 
     grid: cells per side; cell: pixels per cell (the board is grid * cell pixels square; keep
     cell = the vision patch size so one cell is one patch); turns: questions per image;
-    kinds: question kinds ("colour", "shape").
+    kinds: question kinds ("colour", "shape"); min_fill: each training board fills a fraction
+    drawn uniformly from [min_fill, 1] of its cells (the asked cells always hold a glyph, the
+    rest stay black). Sparse boards are an easier start (the asked glyph often has its pooling
+    window nearly to itself); held-out boards are always full. 1.0: every board is full.
     """
 
     grid: int = 6
@@ -71,6 +74,8 @@ class GroundingSpec:
     turns: int = 1
     kinds: Tuple[str, ...] = KINDS
     seed: int = 0
+    min_fill: float = 1.0
+
 
     def validate(self) -> None:
         for name in ("grid", "cell", "turns"):
@@ -88,6 +93,8 @@ class GroundingSpec:
         bad = [k for k in self.kinds if k not in KINDS]
         if not self.kinds or bad:
             raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {self.kinds!r}")
+        if not 0.0 <= self.min_fill <= 1.0:
+            raise ValueError(f"min_fill: expected a fraction in [0, 1], got {self.min_fill!r}")
 
 
 def vocabulary(grid: int) -> List[str]:
@@ -138,14 +145,16 @@ def draw_glyph(pixels: np.ndarray, top: int, left: int, size: int, shape: str,
     region[mask] = colour
 
 
-def draw_board(cells: Sequence[Sequence[Tuple[str, str]]], cell: int) -> np.ndarray:
-    """cells[r][c] = (shape, colour name) -> (grid * cell, grid * cell, 3) uint8 image."""
+def draw_board(cells: Sequence[Sequence[Optional[Tuple[str, str]]]], cell: int) -> np.ndarray:
+    """cells[r][c] = (shape, colour name) or None (empty) -> (grid * cell, grid * cell, 3)
+    uint8 image, black where there is no glyph."""
     g = len(cells)
     pixels = np.zeros((g * cell, g * cell, 3), dtype=np.uint8)
     for r in range(g):
         for c in range(g):
-            shape, colour = cells[r][c]
-            draw_glyph(pixels, r * cell, c * cell, cell, shape, COLOURS[colour])
+            if cells[r][c] is not None:
+                shape, colour = cells[r][c]
+                draw_glyph(pixels, r * cell, c * cell, cell, shape, COLOURS[colour])
     return pixels
 
 
@@ -168,21 +177,25 @@ def make_record(rng: np.random.Generator, spec: GroundingSpec, image: str,
     colours = list(COLOURS)
     shape_idx = rng.integers(0, len(SHAPES), size=(g, g))
     colour_idx = rng.integers(0, len(colours), size=(g, g))
-    cells = [[(SHAPES[shape_idx[r, c]], colours[colour_idx[r, c]]) for c in range(g)]
-             for r in range(g)]
-    conv, asked, kinds = [], [], []
-    for turn in range(spec.turns):
-        r, c = (int(v) for v in rng.integers(0, g, size=2))
-        kind = spec.kinds[int(rng.integers(0, len(spec.kinds)))]
+    asked = [tuple(int(v) for v in rng.integers(0, g, size=2)) for _ in range(spec.turns)]
+    kinds = [spec.kinds[int(rng.integers(0, len(spec.kinds)))] for _ in range(spec.turns)]
+    filled = np.ones((g, g), dtype=bool)
+    if split == "train" and spec.min_fill < 1.0:
+        fill = rng.uniform(spec.min_fill, 1.0)
+        filled = rng.random((g, g)) < fill
+    for r, c in asked:
+        filled[r, c] = True
+    cells = [[(SHAPES[shape_idx[r, c]], colours[colour_idx[r, c]]) if filled[r, c] else None
+              for c in range(g)] for r in range(g)]
+    conv = []
+    for turn, ((r, c), kind) in enumerate(zip(asked, kinds)):
         text = question(kind, r + 1, c + 1)
         if turn == 0:
             text = "<image>\n" + text
         answer = cells[r][c][1] if kind == "colour" else cells[r][c][0]
         conv += [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
-        asked.append([r + 1, c + 1])
-        kinds.append(kind)
     record = {"id": f"{split}_{index:06d}", "image": image, "conversations": conv,
-              "cell": asked, "kind": kinds}
+              "cell": [[r + 1, c + 1] for r, c in asked], "kind": kinds}
     return record, draw_board(cells, spec.cell)
 
 
@@ -226,11 +239,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--turns", type=int, default=GroundingSpec.turns, help="questions per image")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="question kinds, comma-separated (colour, shape)")
+    p.add_argument("--min-fill", type=float, default=GroundingSpec.min_fill,
+                   help="training boards fill a fraction in [min-fill, 1] of their cells")
     p.add_argument("--seed", type=int, default=GroundingSpec.seed)
     args = p.parse_args(argv)
     spec = GroundingSpec(grid=args.grid, cell=args.cell, train=args.train, test=args.test,
                          turns=args.turns, kinds=tuple(k for k in args.kinds.split(",") if k),
-                         seed=args.seed)
+                         seed=args.seed, min_fill=args.min_fill)
     try:
         paths = generate(args.out, spec)
     except ValueError as exc:
