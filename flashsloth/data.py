@@ -19,7 +19,8 @@ Format: one JSON object per line (LLaVA's conversation records, one per line)::
 Each line becomes one sequence in the original "phi2" template, with one query slot
 ("<learnable>") per turn, after the question::
 
-    {system} USER: <image>\\n{q1}<learnable> ASSISTANT: {a1}<eos> USER: {q2}<learnable> ASSISTANT: {a2}<eos>
+    {system} USER: <image>\\n{q1}<learnable> ASSISTANT: {a1}<eos>
+      USER: {q2}<learnable> ASSISTANT: {a2}<eos>          (one sequence; the line break is not)
 
 Labels are the answer tokens and each answer's end-of-sequence token; everything else
 (system prompt, questions, role words, image and query slots) is -100, so the loss is on
@@ -205,7 +206,8 @@ def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Option
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                issues.append(DataIssue(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                issues.append(DataIssue(path, n, f"not valid JSON ({exc.msg} at column "
+                                                 f"{exc.colno})"))
                 continue
             try:
                 image, turns, system = parse_record(obj, n)
@@ -221,8 +223,9 @@ def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Option
             ids, labels, qmask = encoder.encode(turns, system)
             length = expanded_length(len(ids), len(turns), cfg)
             if length > limit:
-                issues.append(DataIssue(path, n, f"too long: {length} positions with the visual and "
-                                                 f"query tokens, the limit is {limit}"))
+                issues.append(DataIssue(path, n, f"too long: {length} positions with the "
+                                                 f"visual and query tokens, the limit is "
+                                                 f"{limit}"))
                 continue
             examples.append(Example(n, image_path, ids, labels, qmask, len(turns)))
     return examples, issues

@@ -1,8 +1,8 @@
 """A synthetic grounding data set: coloured glyphs on a grid, questions about one cell.
 
 Every image is a ``grid x grid`` board of cells, one small glyph per cell (a shape in a
-colour on black). A question names one cell (chessboard style: column letter, row number, "e2") and asks for the colour
-or the shape of its glyph::
+colour on black). A question names one cell (chessboard style: column letter, row number,
+"e2") and asks for the colour or the shape of its glyph::
 
     USER: <image>\\nwhat colour is the shape at e2 ?<learnable> ASSISTANT: red
 
@@ -85,7 +85,8 @@ class GroundingSpec:
         if self.cell < 6:
             raise ValueError(f"cell: glyphs need at least 6 pixels per cell, got {self.cell}")
         if self.grid > 26:
-            raise ValueError(f"grid: at most 26 cells per side (columns are letters), got {self.grid}")
+            raise ValueError(f"grid: at most 26 cells per side (columns are letters), "
+                             f"got {self.grid}")
         for name in ("train", "test"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

