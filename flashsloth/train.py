@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashsloth_kernels import _env
+
 from .config import COMPRESSIONS, IGNORE_INDEX, PRESETS, FlashSlothConfig
 
 Tensor = torch.Tensor
@@ -704,9 +706,7 @@ class DistInfo:
 def setup_distributed(device: Optional[str] = None) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
     A single process (no torchrun) gets world size 1 and no process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = _env.torchrun_env()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -1044,7 +1044,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if _dist_ready():
             torch.distributed.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _env.torchrun_env()[1] == 0:
         ev = summary["eval"]
         extra = f", held-out loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.3f}" if ev else ""
         print(f"done: {summary['step']} steps, final loss {summary['final_loss']:.4f}{extra}; "

@@ -45,3 +45,9 @@ def force_cuda_build() -> bool:
 def jit_build_allowed() -> bool:
     """FLASHSLOTH_NO_JIT=1: never compile the CUDA extension on first use."""
     return not _flag("FLASHSLOTH_NO_JIT") and not skip_cuda_build()
+
+
+def torchrun_env() -> tuple:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; (1, 0, 0) outside torchrun."""
+    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+            int(os.environ.get("LOCAL_RANK", "0")))
