@@ -44,6 +44,30 @@ class OpCase:
     unavailable: Dict[str, str] = field(default_factory=dict)
 
 
+# fused backends timed besides "auto" on each device type
+FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def fused_providers(call, wrap, auto: str, explain, device_type: str):
+    """Providers of a fused op: "fused" (backend auto) and "fused-<b>" for every other backend
+    that can run here. ``call(backend)`` runs the op; ``explain`` maps backend -> reasons.
+    Returns (providers, unavailable) with unavailable: provider name -> why it cannot run."""
+    note = "" if auto != "reference" else (
+        "auto fell back to the reference backend: "
+        + "; ".join(f"{b}: {', '.join(r)}" for b, r in explain.items() if r))
+    providers = [Provider("fused", wrap(lambda: call(None)), backend=auto, note=note)]
+    unavailable = {}
+    for name in FUSED_BACKENDS.get(device_type, ()):
+        if name == auto:
+            continue
+        why = explain.get(name, [f"backend {name!r} is not registered"])
+        if why:
+            unavailable[f"fused-{name}"] = "; ".join(why)
+            continue
+        providers.append(Provider(f"fused-{name}", wrap(lambda name=name: call(name)), backend=name))
+    return providers, unavailable
+
+
 def warm_compiled(provider: Provider) -> Provider:
     """Run a torch.compile provider once so its compile time is recorded, not timed."""
     t0 = time.perf_counter()

@@ -27,12 +27,11 @@ import torch.nn.functional as F
 
 from .common import Case, Row, RunConfig, error_row, status_row
 from .flops import count_flops
-from .opbench import OpCase, Provider, run_case, warm_compiled
+from .opbench import OpCase, Provider, fused_providers, run_case, warm_compiled
 
 SECTION = "ops/attention"
 H, LQ, DK, DV = 32, 9, 18, 36
 DK_PAD, DV_PAD = 24, 40
-_FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def sweep(cfg: RunConfig, mode: str) -> List[Tuple[int, int]]:
@@ -145,23 +144,10 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
         return _fwd_bwd(f, inputs, gout) if grad else f
 
     providers: List[Provider] = []
-    unavailable: Dict[str, str] = {}
-    note = "" if auto != "reference" else (
-        "auto fell back to the reference backend: "
-        + "; ".join(f"{b}: {', '.join(r)}" for b, r in explain.items() if r))
-    providers.append(Provider("fused", wrap(lambda: query_patch_attention(q, k, v, scale=scale)),
-                              backend=auto, note=note))
-    for name in _FUSED_BACKENDS.get(dev.type, ()):
-        if name == auto:
-            continue
-        why = explain.get(name, [f"backend {name!r} is not registered"])
-        if why:
-            unavailable[f"fused-{name}"] = "; ".join(why)
-            continue
-        providers.append(Provider(
-            f"fused-{name}",
-            wrap(lambda name=name: query_patch_attention(q, k, v, scale=scale, backend=name)),
-            backend=name))
+    fused, unavailable = fused_providers(
+        lambda b: query_patch_attention(q, k, v, scale=scale, backend=b), wrap, auto, explain,
+        dev.type)
+    providers.extend(fused)
     providers.append(Provider("eager", wrap(lambda: eager_attention(q, k, v, scale)),
                               note="matmul, softmax (fp32), matmul"))
     providers.append(Provider("sdpa", wrap(lambda: F.scaled_dot_product_attention(

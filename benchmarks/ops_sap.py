@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .common import Case, Row, RunConfig, error_row, status_row
 from .flops import count_flops
-from .opbench import OpCase, Provider, run_case, warm_compiled
+from .opbench import OpCase, Provider, fused_providers, run_case, warm_compiled
 
 SECTION = "ops/sap"
 H = W = 27
@@ -35,7 +35,6 @@ CH = 1152
 K = 3
 
 # Fused backends worth timing explicitly per device type (besides what "auto" picks).
-_FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def batch_sizes(cfg: RunConfig, mode: str) -> Tuple[int, ...]:
@@ -108,23 +107,10 @@ def _build(cfg: RunConfig, B: int, mode: str) -> OpCase:
         return _fwd_bwd(f, inputs, gout) if grad else f
 
     providers: List[Provider] = []
-    unavailable: Dict[str, str] = {}
-    note = "" if auto != "reference" else (
-        "auto fell back to the reference backend: "
-        + "; ".join(f"{b}: {', '.join(r)}" for b, r in explain.items() if r))
-    providers.append(Provider("fused", wrap(lambda: spatial_attention_pool(x, w1, b1, w2, b2, K)),
-                              backend=auto, note=note))
-    for name in _FUSED_BACKENDS.get(dev.type, ()):
-        if name == auto:
-            continue
-        why = explain.get(name, [f"backend {name!r} is not registered"])
-        if why:
-            unavailable[f"fused-{name}"] = "; ".join(why)
-            continue
-        providers.append(Provider(
-            f"fused-{name}",
-            wrap(lambda name=name: spatial_attention_pool(x, w1, b1, w2, b2, K, backend=name)),
-            backend=name))
+    fused, unavailable = fused_providers(
+        lambda b: spatial_attention_pool(x, w1, b1, w2, b2, K, backend=b), wrap, auto, explain,
+        dev.type)
+    providers.extend(fused)
 
     xd, w1d = x.detach(), w1.detach()
     gemm_flops = count_flops(lambda: xd.to("meta") @ w1d.to("meta").t())
