@@ -14,6 +14,7 @@ results.csv, report.md, speedup.png, latency.png, model.png.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -29,6 +30,10 @@ from .common import Case, Row, RunConfig, dtype_from_name, error_row
 from .timing import Budget
 
 SECTIONS = ("ops", "model", "train")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line "error: ..." with exit status 2."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -70,7 +75,7 @@ def _sections(only: Optional[str]) -> List[str]:
     chosen = [s.strip().lower() for s in only.split(",") if s.strip()]
     bad = [s for s in chosen if s not in SECTIONS]
     if bad or not chosen:
-        raise SystemExit(f"--only: expected a comma-separated subset of {', '.join(SECTIONS)}, "
+        raise UsageError(f"--only: expected a comma-separated subset of {', '.join(SECTIONS)}, "
                          f"got {only!r}")
     return chosen
 
@@ -80,23 +85,45 @@ def _device(name: Optional[str]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as exc:
-        raise SystemExit(f"--device: {exc}")
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available (this torch: "
+        raise UsageError("--device cuda: no CUDA device is available (this torch: "
                          f"{torch.__version__}, CUDA {torch.version.cuda})")
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device: expected cpu or cuda, got {name!r}")
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def check_out_dir(path: Path) -> Path:
+    """Create the output folder if needed and prove a file can be written there (a read-only
+    file system, a path below a regular file, no permission: UsageError before any work)."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out: {path} exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out: {path} lies below {parent}, which is a regular file, "
+                             "not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write results to {path} "
+                         f"({exc.strerror or type(exc).__name__})") from None
+    return path
 
 
 def make_config(args: argparse.Namespace) -> RunConfig:
     device = _device(args.device)
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit(f"--threads: expected an int >= 1, got {args.threads}")
+            raise UsageError(f"--threads: expected an int >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -104,14 +131,14 @@ def make_config(args: argparse.Namespace) -> RunConfig:
         try:
             dtype = dtype_from_name(args.dtype)
         except ValueError as exc:
-            raise SystemExit(str(exc))
+            raise UsageError(str(exc))
     presets = [s.strip() for s in args.preset.split(",") if s.strip()] if args.preset else None
     if presets is not None:
         from .model import ALL_PRESETS
 
         bad = [p for p in presets if p not in ALL_PRESETS]
         if bad or not presets:
-            raise SystemExit(f"--preset: expected a comma-separated subset of "
+            raise UsageError(f"--preset: expected a comma-separated subset of "
                              f"{', '.join(ALL_PRESETS)}, got {args.preset!r}")
     if args.quick:
         budget = Budget(min_rounds=3, max_rounds=5, seconds=0.5)
@@ -186,6 +213,8 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
               "sections": sections, "presets": cfg.presets, "argv": sys.argv[1:],
               "budget": vars(cfg.budget)}
     ctx = context_mod.collect(cfg.device, config)
+    # the output folder must take files before the suite runs, not after
+    out_dir = check_out_dir(Path(args.out) if args.out else RESULTS_DIR / ctx["device"])
     console.print(f"[bold]flashsloth-bench[/bold] on {ctx['device_description']} · "
                   f"{cfg.dtype_name} · torch {ctx['torch']} · triton {ctx['triton']} · "
                   f"commit {str(ctx['git_commit'])[:10]}")
@@ -229,7 +258,6 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
     data = report.payload(ctx, ceilings, rows, verdicts)
     for t in report.all_tables(rows, verdicts):
         _print_table(console, t)
-    out_dir = Path(args.out) if args.out else RESULTS_DIR / ctx["device"]
     if args.no_plots:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [report.write_json(out_dir / "results.json", data),
@@ -243,19 +271,33 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; a user error (flags, --out, --compare files) prints one line "error: ..." on
+    stderr and returns 2, before any measurement."""
+    from . import compare
+
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except (UsageError, compare.CompareError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from . import compare
+
     console = _console()
     if args.compare is not None and len(args.compare) == 2:
-        from . import compare
-
         old, new = (compare.load(p) for p in args.compare)
         compare.print_diff(console, old, new, args.compare[0])
         return 0
     old = None
     if args.compare is not None:
-        from . import compare
-
         old = compare.load(args.compare[0])  # fail before a long run, not after
+    if args.out:
+        check_out_dir(Path(args.out))
+    _sections(args.only)
+    make_config(args)
     data = run(args, console)
     if old is not None:
         compare.print_diff(console, old, data, args.compare[0])

@@ -27,13 +27,44 @@ METRICS: Dict[str, bool] = {
 }
 
 
+class CompareError(ValueError):
+    """A --compare file that is missing or not a flashsloth-bench results.json; the message
+    names the file and is one line."""
+
+
 def load(path: str | Path) -> Dict[str, object]:
+    """A results.json written by flashsloth-bench, checked: missing, unreadable, binary,
+    corrupt or wrongly shaped files raise CompareError naming the file."""
     p = Path(path)
+    if not p.exists():
+        raise CompareError(f"--compare: {p}: no such file (expected a results.json)")
     if not p.is_file():
-        raise FileNotFoundError(f"--compare: {p} is not a file (expected a results.json)")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"--compare: {p} is not a flashsloth-bench results.json (no 'rows')")
+        raise CompareError(f"--compare: {p} is not a file (expected a results.json)")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise CompareError(f"--compare: {p}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise CompareError(f"--compare: {p} is a binary file, not a results.json") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CompareError(f"--compare: {p} is not valid JSON (line {exc.lineno}, column "
+                           f"{exc.colno}: {exc.msg})") from None
+    what = "is not a flashsloth-bench results.json"
+    if not isinstance(data, dict):
+        raise CompareError(f"--compare: {p} {what} (a JSON {type(data).__name__}, expected an "
+                           "object)")
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        raise CompareError(f"--compare: {p} {what} (no list of 'rows')")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        raise CompareError(f"--compare: {p} {what} (rows[{bad[0]}] is a "
+                           f"{type(rows[bad[0]]).__name__}, expected an object)")
+    if not isinstance(data.get("context", {}), (dict, type(None))):
+        raise CompareError(f"--compare: {p} {what} ('context' is a "
+                           f"{type(data['context']).__name__}, expected an object)")
     return data
 
 

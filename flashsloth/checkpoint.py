@@ -28,11 +28,13 @@ import json
 import math
 import os
 import re
+import shutil
+import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .config import FlashSlothConfig, VisionConfig
+from .config import COMPRESSIONS, FlashSlothConfig, VisionConfig
 
 Tensor = torch.Tensor
 
@@ -90,30 +92,172 @@ def _ignored(key: str, config: FlashSlothConfig) -> bool:
 
 
 # ---------------------------------------------------------------------------- reading files
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _inside(path: str, name: object, index_file: str) -> str:
+    """The full path of shard ``name`` from an index, refusing names that leave the folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise CheckpointError(f"checkpoint file {index_file!r}: shard name {name!r} is not a "
+                              "file name inside the checkpoint folder")
+    full = os.path.normpath(os.path.join(path, name))
+    root = os.path.realpath(path)
+    real = os.path.realpath(full)
+    if os.path.commonpath([root, real]) != root or ".." in name.split("/"):
+        raise CheckpointError(f"checkpoint file {index_file!r}: shard name {name!r} leaves the "
+                              f"checkpoint folder {path!r}")
+    return full
+
+
+def read_index(path: str, index_name: str) -> Dict[str, str]:
+    """weight_map of an index file: original key -> full shard path, checked."""
+    index = os.path.join(path, index_name)
+    try:
+        with open(index, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {index!r}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint file {index!r}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {index!r}: expected a JSON object with a "
+                              f"\"weight_map\", got a {type(data).__name__}")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"checkpoint file {index!r}: expected \"weight_map\" to be a "
+                              f"non-empty object of tensor name -> shard file, got "
+                              f"{type(weight_map).__name__}")
+    return {str(k): _inside(path, v, index) for k, v in weight_map.items()}
+
+
 def weight_files(path: str) -> List[str]:
-    """The weight files of a checkpoint directory (safetensors preferred over .bin)."""
+    """The weight files of a checkpoint directory, exactly: the shards its index names
+    (model.safetensors.index.json, else pytorch_model.bin.index.json), else the single
+    model.safetensors, else pytorch_model.bin. Other files in the folder are never read."""
+    return _weights(path)[0]
+
+
+def _weights(path: str) -> Tuple[List[str], Optional[Dict[str, str]]]:
+    """(files, weight_map or None)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint: {path!r} is not a directory")
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index = os.path.join(path, index_name)
-        if os.path.isfile(index):
-            with open(index) as fh:
-                weight_map = json.load(fh).get("weight_map", {})
+        if os.path.isfile(os.path.join(path, index_name)):
+            weight_map = read_index(path, index_name)
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            missing = [os.path.relpath(f, path) for f in files if not os.path.isfile(f)]
             if missing:
                 raise CheckpointError(f"checkpoint {path!r}: {index_name} names shards that do not "
                                       f"exist: {missing}")
-            return [os.path.join(path, f) for f in files]
-    names = sorted(os.listdir(path))
-    st = [n for n in names if n.endswith(".safetensors")]
-    if st:
-        return [os.path.join(path, n) for n in st]
-    bins = [n for n in names if n.endswith(".bin") and n.startswith("pytorch_model")]
-    if bins:
-        return [os.path.join(path, n) for n in bins]
+            return files, weight_map
+    for name in WEIGHT_NAMES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return [file], None
+    shards = sorted(n for n in os.listdir(path)
+                    if n.endswith((".safetensors", ".bin")) and not n.startswith("."))
+    if shards:
+        raise CheckpointError(f"checkpoint {path!r}: weight files {shards} but no "
+                              f"{SAFETENSORS_INDEX} / {BIN_INDEX} naming them and no "
+                              f"{' or '.join(WEIGHT_NAMES)}")
     raise CheckpointError(f"checkpoint {path!r}: no weights (model.safetensors, "
-                          "model-*.safetensors or pytorch_model*.bin)")
+                          f"{SAFETENSORS_INDEX} with its shards, or pytorch_model*.bin)")
+
+
+# safetensors dtype codes -> (bytes per element, kind); kind "f" floating, "i" integer / bool
+_ST_DTYPES = {
+    "F64": (8, "f"), "F32": (4, "f"), "F16": (2, "f"), "BF16": (2, "f"),
+    "F8_E4M3": (1, "f"), "F8_E5M2": (1, "f"), "F8_E8M0": (1, "f"),
+    "I64": (8, "i"), "I32": (4, "i"), "I16": (2, "i"), "I8": (1, "i"), "U64": (8, "i"),
+    "U32": (4, "i"), "U16": (2, "i"), "U8": (1, "i"), "BOOL": (1, "i"),
+    "C64": (8, "c"),
+}
+_MAX_HEADER = 100 * 1024 * 1024   # the safetensors library's own limit
+
+
+def read_safetensors_header(file: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{key: (shape, dtype code)} from a safetensors header, checking the whole layout (sizes,
+    offsets, dtypes) against the file size; a CheckpointError names the file and the fault."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {file!r}: {what}")
+
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if size == 0:
+                raise bad("empty file (0 bytes), not a safetensors file")
+            if len(head) < 8:
+                raise bad(f"truncated: {size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise bad(f"truncated or corrupt header: it claims {n} bytes, the file has "
+                          f"{size - 8} after the length field")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"corrupt header (not valid JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise bad(f"corrupt header (a JSON {type(header).__name__}, expected an object)")
+    data_size = size - 8 - n
+    out: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if (not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES
+                or not isinstance(info.get("shape"), list)
+                or not all(isinstance(d, int) and d >= 0 for d in info["shape"])
+                or not isinstance(info.get("data_offsets"), list)
+                or len(info["data_offsets"]) != 2
+                or not all(isinstance(o, int) for o in info["data_offsets"])):
+            raise bad(f"corrupt header entry for {key!r}: {str(info)[:120]}")
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(shape) * _ST_DTYPES[info["dtype"]][0]
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise bad(f"bad data offsets for {key!r}: [{begin}, {end}) for {nbytes} bytes of "
+                      f"{info['dtype']} {list(shape)}")
+        if end > data_size:
+            raise bad(f"truncated: {key!r} ends at byte {end} of the data, the file holds "
+                      f"{data_size}")
+        spans.append((begin, end, key))
+        out[key] = (shape, info["dtype"])
+    spans.sort()
+    for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise bad(f"bad data offsets: {k0!r} and {k1!r} overlap")
+    return out
+
+
+def _kind(dtype) -> str:
+    """"f", "i" or "c" for a safetensors dtype code or a torch dtype."""
+    if isinstance(dtype, str):
+        return _ST_DTYPES[dtype][1]
+    if dtype.is_floating_point:
+        return "f"
+    return "c" if dtype.is_complex else "i"
+
+
+def _load_bin(file: str) -> Dict[str, Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint file {file!r} cannot be read with torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {exc}); only plain tensor state dicts are loaded, "
+            "nothing is unpickled") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {file!r}: expected a state dict, got "
+                              f"{type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"checkpoint file {file!r}: {key!r} is a "
+                                  f"{type(value).__name__}, not a tensor")
+    return state
 
 
 def iter_tensors(files: Iterable[str]):
@@ -122,41 +266,52 @@ def iter_tensors(files: Iterable[str]):
         if file.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(file, framework="pt", device="cpu") as fh:
-                for key in fh.keys():
-                    yield key, fh.get_tensor(key)
-        else:
             try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
+                with safe_open(file, framework="pt", device="cpu") as fh:
+                    for key in fh.keys():
+                        yield key, fh.get_tensor(key)
+            except CheckpointError:
+                raise
+            except Exception as exc:    # SafetensorError, OSError: name the file
+                raise CheckpointError(f"checkpoint file {file!r}: cannot be read as safetensors "
+                                      f"({type(exc).__name__}: {exc})") from None
+        else:
+            yield from _load_bin(file).items()
+
+
+def tensor_infos(files: Iterable[str], weight_map: Optional[Dict[str, str]] = None,
+                 ) -> Dict[str, Tuple[Tuple[int, ...], str, str]]:
+    """Original key -> (shape, kind "f"/"i"/"c", file), reading only the safetensors headers.
+    A key stored in two files, or in another file than the index says, is refused."""
+    infos: Dict[str, Tuple[Tuple[int, ...], str, str]] = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            entries = {k: (shape, _kind(dt)) for k, (shape, dt) in
+                       read_safetensors_header(file).items()}
+        else:
+            entries = {k: (tuple(v.shape), _kind(v.dtype)) for k, v in _load_bin(file).items()}
+        for key, (shape, kind) in entries.items():
+            if key in infos:
+                raise CheckpointError(f"checkpoint: tensor {key!r} is stored in two files, "
+                                      f"{infos[key][2]!r} and {file!r}; which one is meant is "
+                                      "ambiguous")
+            if weight_map is not None and weight_map.get(key) != file:
+                where = weight_map.get(key)
                 raise CheckpointError(
-                    f"checkpoint file {file!r} cannot be read with torch.load(weights_only=True) "
-                    f"({type(exc).__name__}: {exc}); only plain tensor state dicts are loaded, "
-                    "nothing is unpickled") from exc
-            if not isinstance(state, dict):
-                raise CheckpointError(f"checkpoint file {file!r}: expected a state dict, got "
-                                      f"{type(state).__name__}")
-            for key, value in state.items():
-                if not isinstance(value, Tensor):
-                    raise CheckpointError(f"checkpoint file {file!r}: {key!r} is a "
-                                          f"{type(value).__name__}, not a tensor")
-                yield key, value
+                    f"checkpoint file {file!r} holds {key!r}, which the index "
+                    + (f"places in {where!r}" if where else "does not list"))
+            infos[key] = (shape, kind, file)
+    if weight_map is not None:
+        absent = sorted(k for k in weight_map if k not in infos)
+        if absent:
+            raise CheckpointError(_listing("checkpoint: tensors the index names but its shards do "
+                                           "not hold", absent))
+    return infos
 
 
 def tensor_shapes(files: Iterable[str]) -> Dict[str, Tuple[int, ...]]:
     """Original key -> shape, reading only the safetensors headers where possible."""
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt", device="cpu") as fh:
-                for key in fh.keys():
-                    shapes[key] = tuple(fh.get_slice(key).get_shape())
-        else:
-            for key, value in iter_tensors([file]):
-                shapes[key] = tuple(value.shape)
-    return shapes
+    return {k: v[0] for k, v in tensor_infos(list(files)).items()}
 
 
 # ---------------------------------------------------------------------------- config
@@ -171,18 +326,38 @@ def read_config(path: str, shapes: Dict[str, Tuple[int, ...]]) -> FlashSlothConf
     count, EmbQ sizes (heads = the LLM's heads, as the original) come from the weights.
     """
     file = os.path.join(path, "config.json")
+    data = read_config_json(path)
+    try:
+        if "flashsloth_kernels" in data:
+            return FlashSlothConfig.from_original_dict(data)
+        return _config_from_original(data, shapes)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {file!r}: {exc}") from None
+
+
+def read_config_json(path: str) -> dict:
+    """config.json of a checkpoint directory as a dict (CheckpointError naming the file)."""
+    file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint {path!r}: no config.json")
     try:
-        with open(file) as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path!r}: config.json is not valid JSON ({exc})") \
-            from exc
-    if "flashsloth_kernels" in data:
-        return FlashSlothConfig.from_original_dict(data)
+        with open(file, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint file {file!r}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {file!r}: expected a JSON object, got a "
+                              f"{type(data).__name__}")
+    return data
+
+
+def _config_from_original(data: dict, shapes) -> FlashSlothConfig:
     select = data.get("mm_vision_select_layer")
-    changes = {"vision": _vision_from_shapes(shapes, -2 if select is None else int(select))}
+    if select is not None and (isinstance(select, bool) or not isinstance(select, int)):
+        raise ValueError(f"mm_vision_select_layer: expected an int, got {select!r}")
+    changes = {"vision": _vision_from_shapes(shapes, -2 if select is None else select)}
     tok = shapes.get("model.learnable_tokens.token")
     if tok is not None:
         changes["num_queries"] = tok[0]
@@ -255,24 +430,45 @@ def load_pretrained(cls, path: str, *, dtype: Optional[torch.dtype] = None, devi
     """Build the model on the meta device and fill it from the checkpoint (no double copy).
 
     Args:
-        path: checkpoint directory (config.json + model*.safetensors or pytorch_model*.bin).
+        path: checkpoint directory (config.json + model.safetensors, or the shards its
+            model.safetensors.index.json names, or pytorch_model*.bin). Exactly those files
+            are read; a tensor stored in two of them is refused.
         dtype: parameter dtype (default: config.json's torch_dtype, else the stored dtype).
         device: where the parameters go.
-        compression: override the mode ("sap", "avgpool", "none": the unused modules' keys
-            are ignored, see the module docstring).
+        compression: override the mode (one of flashsloth.config.COMPRESSIONS; the unused
+            modules' keys are ignored, see the module docstring).
         config: use this config instead of reading config.json.
+
+    The model's ``stop_token_ids`` (where ``generate`` stops by default) are the checkpoint's
+    own end tokens: see :func:`stop_token_ids`.
     """
-    files = weight_files(path)
-    shapes = tensor_shapes(files)
+    from .config import check_model_dtype
+
+    check_model_dtype("dtype", dtype)
+    files, weight_map = _weights(path)
+    infos = tensor_infos(files, weight_map)
+    shapes = {k: v[0] for k, v in infos.items()}
+    if config is not None and not isinstance(config, FlashSlothConfig):
+        raise TypeError(f"config: expected a FlashSlothConfig, got {type(config).__name__}")
     cfg = config if config is not None else read_config(path, shapes)
     if compression is not None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression: expected one of {', '.join(COMPRESSIONS)}, got "
+                             f"{compression!r}")
         cfg = cfg.replace(compression=compression)
     cfg.validate()
+    if dtype is None:
+        dtype = _config_dtype(path) or _first_float_dtype(files, infos)
     model = cls(cfg, device="meta")
+    params = dict(model.named_parameters())
     expected = {to_original_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, shapes, cfg, path)
-    if dtype is None:
-        dtype = _config_dtype(path) or _first_float_dtype(files)
+    wrong = sorted(f"{k} in {infos[k][2]!r}" for k in expected
+                   if infos[k][1] != "f" and from_original_key(k) in params
+                   and params[from_original_key(k)].is_floating_point())
+    if wrong:
+        raise CheckpointError(_listing(f"checkpoint {path!r}: integer / bool / complex tensors "
+                                       "for floating-point parameters", wrong))
     state = {}
     for key, value in iter_tensors(files):
         if key in expected:
@@ -283,32 +479,216 @@ def load_pretrained(cls, path: str, *, dtype: Optional[torch.dtype] = None, devi
                 if t.is_meta]
     if leftover:
         raise CheckpointError(f"checkpoint {path!r}: tensors left unloaded: {leftover}")
+    model.stop_token_ids = stop_token_ids(path, cfg)
     return model.eval()
 
 
 def _config_dtype(path: str) -> Optional[torch.dtype]:
-    with open(os.path.join(path, "config.json")) as fh:
-        name = json.load(fh).get("torch_dtype")
-    dt = getattr(torch, name, None) if isinstance(name, str) else None
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+    """config.json's torch_dtype (None when absent); anything but a float the model runs in is
+    refused."""
+    from .config import MODEL_DTYPES
+
+    name = read_config_json(path).get("torch_dtype")
+    if name is None or name == "auto":
+        return None
+    if name not in MODEL_DTYPES:
+        raise CheckpointError(f"checkpoint file {os.path.join(path, 'config.json')!r}: "
+                              f"torch_dtype: expected one of {', '.join(MODEL_DTYPES)} (or "
+                              f"\"auto\"), got {name!r}")
+    return getattr(torch, name)
 
 
-def _first_float_dtype(files) -> torch.dtype:
+def _first_float_dtype(files, infos) -> torch.dtype:
+    """The dtype of the first floating-point tensor stored (float32 when it is no model dtype,
+    e.g. float8)."""
     for _, value in iter_tensors(files):
         if value.is_floating_point():
-            return value.dtype
+            if value.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                return value.dtype
+            return torch.float32
     return torch.float32
+
+
+# ---------------------------------------------------------------------------- stop tokens
+def _tokenizer_token_id(path: str, token: str) -> Optional[int]:
+    """The id of ``token`` in the checkpoint's tokenizer files (tokenizer.json's added tokens
+    and vocabulary, or added_tokens.json as the original release ships), read as JSON only."""
+    for name in ("tokenizer.json", "added_tokens.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, "rb") as fh:
+                data = json.loads(fh.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            continue
+        if name == "added_tokens.json":
+            tid = data.get(token)
+            if isinstance(tid, int) and not isinstance(tid, bool):
+                return tid
+            continue
+        for entry in data.get("added_tokens") or []:
+            if isinstance(entry, dict) and entry.get("content") == token:
+                tid = entry.get("id")
+                if isinstance(tid, int) and not isinstance(tid, bool):
+                    return tid
+        vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"),
+                                                                      dict) else None
+        if isinstance(vocab, dict) and isinstance(vocab.get(token), int):
+            return vocab[token]
+    return None
+
+
+def generation_config_eos(path: str) -> List[int]:
+    """eos_token_id of the checkpoint's generation_config.json (an int or a list), or []."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return []
+    try:
+        with open(file, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {file!r}: expected a JSON object, got a "
+                              f"{type(data).__name__}")
+    eos = data.get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"checkpoint file {file!r}: eos_token_id: expected an int >= 0 or "
+                              f"a list of them, got {eos!r}")
+    return ids
+
+
+def stop_token_ids(path: str, config: FlashSlothConfig, tokenizer=None) -> Tuple[int, ...]:
+    """Where generation stops for a checkpoint, as the original release: the config's eos
+    (<|endoftext|>), the "</s>" the released fine-tune ends every answer with (when the
+    tokenizer, given or in the folder, has it) and any generation_config.json eos_token_id."""
+    ids: List[int] = []
+    if config.text.eos_token_id is not None:
+        ids.append(config.text.eos_token_id)
+    ids += generation_config_eos(path)
+    end = tokenizer.token_to_id("</s>") if tokenizer is not None else None
+    if end is None:
+        end = _tokenizer_token_id(path, "</s>")
+    if end is not None:
+        ids.append(end)
+    vocab = config.text.vocab_size
+    return tuple(dict.fromkeys(i for i in ids if 0 <= i < vocab))
+
+
+# ---------------------------------------------------------------------------- saving
+_OWN_FILES = re.compile(r"(config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|"
+                        r"model\.safetensors\.index\.json|pytorch_model.*\.bin|"
+                        r"pytorch_model\.bin\.index\.json)$")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False when the
+    platform or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
     """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards plus
-    model.safetensors.index.json above ``max_shard_bytes``) with the original key names."""
+    model.safetensors.index.json above ``max_shard_bytes``) with the original key names.
+
+    The save is atomic: everything is written to a hidden folder beside ``path``, flushed, and
+    swapped in with one rename (an atomic exchange with the old folder on Linux). The folder's
+    previous weights, index and config never mix with the new ones; its other files
+    (tokenizer, generation_config.json, ...) are carried over. A killed save leaves ``path``
+    as it was, plus at most a hidden ``.NAME.saving-*`` folder beside it.
+    """
     from safetensors.torch import save_file
 
+    if (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+            or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes: expected an int >= 1, got {max_shard_bytes!r}")
     state = {to_original_key(k): v.detach() for k, v in model.state_dict().items()}
     if any(t.is_meta for t in state.values()):
         raise ValueError("save_pretrained: the model is on the meta device (no weights to save)")
-    os.makedirs(path, exist_ok=True)
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"save_pretrained: {path!r} exists and is not a directory")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        _write_weights(state, tmp, max_shard_bytes, save_file)
+        cfg = model.config.to_original_dict()
+        cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(cfg, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        subdirs = []
+        if os.path.isdir(target):
+            # carry the folder's other files over (hard links: no copy, the old folder keeps
+            # them until it is removed); sub-folders are moved after the swap
+            for entry in os.listdir(target):
+                src = os.path.join(target, entry)
+                if _OWN_FILES.match(entry):
+                    continue
+                if os.path.isdir(src) and not os.path.islink(src):
+                    subdirs.append(entry)
+                    continue
+                dst = os.path.join(tmp, entry)
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except OSError:
+                    shutil.copy2(src, dst, follow_symlinks=False)
+        _fsync_dir(tmp)
+        if not os.path.isdir(target):
+            os.rename(tmp, target)
+            tmp = None
+        else:
+            old = tmp
+            if not _exchange(tmp, target):
+                # no atomic exchange: two renames (the folder is absent for an instant)
+                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                os.rmdir(old)
+                os.rename(target, old)
+                os.rename(tmp, target)
+            tmp = None
+            for entry in subdirs:
+                os.rename(os.path.join(old, entry), os.path.join(target, entry))
+            shutil.rmtree(old)
+        _fsync_dir(parent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_weights(state: Dict[str, Tensor], folder: str, max_shard_bytes: int,
+                   save_file) -> None:
     shards: List[Dict[str, Tensor]] = [{}]
     size = 0
     for key in sorted(state):
@@ -319,19 +699,22 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -
             size = 0
         shards[-1][key] = t
         size += nbytes
+    written = []
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        written.append(os.path.join(folder, "model.safetensors"))
+        save_file(shards[0], written[-1], metadata={"format": "pt"})
     else:
         weight_map = {}
         n = len(shards)
         for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
+            shard_name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            written.append(os.path.join(folder, shard_name))
+            save_file(shard, written[-1], metadata={"format": "pt"})
+            weight_map.update({k: shard_name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(path, SAFETENSORS_INDEX), "w") as fh:
+        written.append(os.path.join(folder, SAFETENSORS_INDEX))
+        with open(written[-1], "w") as fh:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-    cfg = model.config.to_original_dict()
-    cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=2)
+    for file in written:
+        with open(file, "rb+") as fh:
+            os.fsync(fh.fileno())

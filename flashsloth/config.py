@@ -17,10 +17,18 @@ memory: ``FlashSloth(FlashSlothConfig.preset("flashsloth-3.2b"), device="meta")`
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none")
+# How a base-mode image becomes a square (the original's config.json "image_aspect_ratio"):
+# "squash" resizes without keeping the aspect ratio; "pad" first pads the short side with the
+# image mean colour (the original's expand2square). HD mode always pads its tiles.
+ASPECT_RATIOS = ("squash", "pad")
+# Parameter dtypes a model may be built or loaded in
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # Token ids of the original release (flashsloth/constants.py there): the image placeholder is
 # not a vocabulary entry (it is replaced by visual tokens before embedding), "<learnable>" is
@@ -107,6 +115,8 @@ class FlashSlothConfig:
       question_skip_after_answer: tokens skipped after a labelled answer before the next
         question in multi-turn training data (2: the "USER:" role tokens, as the original).
       hd_grid: tiles per side in HD mode (2).
+      image_aspect_ratio: "squash" (resize without keeping the aspect) or "pad" (pad the short
+        side with the mean colour first, the original's "pad"); base mode only.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -127,14 +137,17 @@ class FlashSlothConfig:
     question_skip_after_answer: int = 2
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    image_aspect_ratio: str = "squash"
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = _only_fields(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
+            self.text = _only_fields(TextConfig, self.text, "text")
+        if isinstance(self.image_mean, list):
+            self.image_mean = tuple(self.image_mean)
+        if isinstance(self.image_std, list):
+            self.image_std = tuple(self.image_std)
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -170,10 +183,34 @@ class FlashSlothConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        """Check every field's type and range, then the relations between fields; a ValueError
+        names the field, the value and what is allowed."""
+        if not isinstance(self.vision, VisionConfig):
+            raise ValueError(f"vision: expected a VisionConfig or a dict of its fields, got "
+                             f"{_show(self.vision)}")
+        if not isinstance(self.text, TextConfig):
+            raise ValueError(f"text: expected a TextConfig or a dict of its fields, got "
+                             f"{_show(self.text)}")
+        v, t = self.vision, self.text
+        for owner, prefix, specs in ((v, "vision.", _VISION_FIELDS), (t, "text.", _TEXT_FIELDS),
+                                     (self, "", _GLUE_FIELDS)):
+            for name, spec in specs.items():
+                _check_field(prefix + name, getattr(owner, name), *spec)
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression: expected one of {', '.join(COMPRESSIONS)}, "
                              f"got {self.compression!r}")
-        v, t = self.vision, self.text
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio: expected one of {', '.join(ASPECT_RATIOS)}, "
+                             f"got {self.image_aspect_ratio!r}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            ok = (isinstance(value, (tuple, list)) and len(value) == v.num_channels
+                  and all(_is_real(x) and math.isfinite(x) for x in value)
+                  and (name == "image_mean" or all(x > 0 for x in value)))
+            if not ok:
+                what = "finite numbers" if name == "image_mean" else "finite numbers > 0"
+                raise ValueError(f"{name}: expected {v.num_channels} (vision.num_channels) "
+                                 f"{what}, got {_show(value)}")
         if v.hidden_size % v.num_attention_heads:
             raise ValueError(f"vision.hidden_size ({v.hidden_size}) must be divisible by "
                              f"vision.num_attention_heads ({v.num_attention_heads})")
@@ -182,19 +219,24 @@ class FlashSlothConfig:
                              f"({v.patch_size})")
         if not 1 <= v.num_built_layers <= v.num_hidden_layers:
             raise ValueError(f"vision.select_layer ({v.select_layer}) selects no layer of a "
-                             f"{v.num_hidden_layers}-layer tower")
+                             f"{v.num_hidden_layers}-layer tower (expected "
+                             f"-{v.num_hidden_layers}..-1 or 1..{v.num_hidden_layers})")
         if t.hidden_size % t.num_attention_heads:
             raise ValueError(f"text.hidden_size ({t.hidden_size}) must be divisible by "
                              f"text.num_attention_heads ({t.num_attention_heads})")
-        if t.rotary_dim % 2:
-            raise ValueError(f"text: rotary dims int(partial_rotary_factor * head_dim) = "
-                             f"{t.rotary_dim} must be even")
-        if self.sap_window < 1 or self.sap_window > v.grid_size:
-            raise ValueError(f"sap_window: expected 1..{v.grid_size} (the patch grid), "
+        if t.rotary_dim % 2 or t.rotary_dim < 2:
+            raise ValueError(f"text.partial_rotary_factor ({t.partial_rotary_factor}): rotary "
+                             f"dims int(partial_rotary_factor * head_dim {t.head_dim}) = "
+                             f"{t.rotary_dim} must be even and >= 2")
+        for name in ("eos_token_id", "pad_token_id"):
+            tid = getattr(t, name)
+            if tid is not None and not 0 <= tid < t.vocab_size:
+                raise ValueError(f"text.{name}: {tid} is outside the vocabulary "
+                                 f"[0, {t.vocab_size})")
+        if self.sap_window > v.grid_size:
+            raise ValueError(f"sap_window: expected an int in 1..{v.grid_size} (the patch grid), "
                              f"got {self.sap_window}")
         if self.use_queries:
-            if self.num_queries < 1:
-                raise ValueError(f"num_queries: expected >= 1, got {self.num_queries}")
             if not 1 <= self.embq_layer <= t.num_hidden_layers:
                 raise ValueError(f"embq_layer: expected 1..{t.num_hidden_layers} (decoder "
                                  f"layers, counted from 1), got {self.embq_layer}")
@@ -205,15 +247,16 @@ class FlashSlothConfig:
         if (self.query_offset_token_id is not None
                 and not 0 <= self.query_offset_token_id < t.vocab_size):
             raise ValueError(f"query_offset_token_id: {self.query_offset_token_id} is outside "
-                             f"the vocabulary (size {t.vocab_size})")
-        if 0 <= self.image_token_id < t.vocab_size and self.image_token_id == self.query_token_id:
-            raise ValueError("image_token_id and query_token_id must differ")
+                             f"the vocabulary [0, {t.vocab_size})")
+        if self.image_token_id == self.query_token_id:
+            raise ValueError(f"image_token_id and query_token_id must differ, both are "
+                             f"{self.image_token_id}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "FlashSlothConfig":
         """A named preset, with top-level fields (or ``vision`` / ``text`` dicts) overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
         base = PRESETS[name]()
         data = base.to_dict()
@@ -238,6 +281,8 @@ class FlashSlothConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "FlashSlothConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"FlashSlothConfig: expected a dict of fields, got {_show(data)}")
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -281,6 +326,7 @@ class FlashSlothConfig:
             "mm_vision_select_layer": v.select_layer,
             "mm_vision_select_feature": "patch",
             "image_hd": self.hd,
+            "image_aspect_ratio": "pad" if self.image_aspect_ratio == "pad" else "square",
             "image_token_index": self.image_token_id,
             "flashsloth_kernels": self.to_dict(),
         }
@@ -291,23 +337,44 @@ class FlashSlothConfig:
         (Phi-2 fields for the LLM; the vision tower is SigLIP so400m unless said otherwise;
         EmbQ has as many heads as the LLM, as the original). ``overrides`` replace fields
         (e.g. ``vision`` read from the weights) before the config is validated."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {_show(data)}")
         if "flashsloth_kernels" in data:
-            return cls.from_dict({**data["flashsloth_kernels"], **overrides})
+            block = data["flashsloth_kernels"]
+            if not isinstance(block, dict):
+                raise ValueError(f"flashsloth_kernels: expected a JSON object, got {_show(block)}")
+            return cls.from_dict({**block, **overrides})
+
+        def get(name: str, kind: str, *bounds, optional: bool = False):
+            value = data.get(name)
+            if value is None:
+                return None
+            _check_field(name, value, kind, *bounds, optional=optional)
+            return value
+
         text = TextConfig()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings", "eos_token_id",
-                     "pad_token_id"):
-            if isinstance(data.get(name), int):
-                setattr(text, name, int(data[name]))
+                     "num_attention_heads", "max_position_embeddings"):
+            value = get(name, "int", 1)
+            if value is not None:
+                setattr(text, name, int(value))
+        for name in ("eos_token_id", "pad_token_id"):
+            if name in data:     # an explicit null means "none"
+                value = get(name, "int", 0, optional=True)
+                setattr(text, name, None if value is None else int(value))
         for name in ("partial_rotary_factor", "rope_theta", "layer_norm_eps", "resid_pdrop"):
-            if data.get(name) is not None:
-                setattr(text, name, float(data[name]))
-        if "rope_parameters" in data and isinstance(data["rope_parameters"], dict):
-            rp = data["rope_parameters"]
-            text.rope_theta = float(rp.get("rope_theta", text.rope_theta))
-            text.partial_rotary_factor = float(rp.get("partial_rotary_factor",
-                                                      text.partial_rotary_factor))
-        kv = data.get("num_key_value_heads")
+            value = get(name, "float")
+            if value is not None:
+                setattr(text, name, float(value))
+        rp = data.get("rope_parameters")
+        if rp is not None:
+            if not isinstance(rp, dict):
+                raise ValueError(f"rope_parameters: expected a JSON object, got {_show(rp)}")
+            for name in ("rope_theta", "partial_rotary_factor"):
+                if rp.get(name) is not None:
+                    _check_field(f"rope_parameters.{name}", rp[name], "float")
+                    setattr(text, name, float(rp[name]))
+        kv = get("num_key_value_heads", "int", 1)
         if kv is not None and kv != text.num_attention_heads:
             raise ValueError(f"config.json: num_key_value_heads = {kv} (grouped-query attention) "
                              "is not supported; Phi-2 uses multi-head attention")
@@ -321,16 +388,113 @@ class FlashSlothConfig:
             raise ValueError(f"config.json: mm_projector_type {proj!r} is not supported "
                              "(FlashSloth: mlp2x_gelu)")
         vision = VisionConfig()
-        if data.get("mm_hidden_size") is not None:
+        if get("mm_hidden_size", "int", 1) is not None:
             vision.hidden_size = int(data["mm_hidden_size"])
-        if data.get("mm_vision_select_layer") is not None:
+        if get("mm_vision_select_layer", "int") is not None:
             vision.select_layer = int(data["mm_vision_select_layer"])
-        fields = {"vision": vision, "text": text, "hd": bool(data.get("image_hd", False)),
+        hd = get("image_hd", "bool")
+        aspect = data.get("image_aspect_ratio")
+        if aspect not in (None, "pad", "square", "squash"):
+            raise ValueError(f"image_aspect_ratio: expected \"pad\" or \"square\" (squash), "
+                             f"got {_show(aspect)}")
+        if data.get("image_token_index") is not None:
+            get("image_token_index", "int")
+        fields = {"vision": vision, "text": text, "hd": bool(hd),
+                  "image_aspect_ratio": "pad" if aspect == "pad" else "squash",
                   "embq_num_heads": text.num_attention_heads}
         return cls(**{**fields, **overrides})
 
 
+# ---------------------------------------------------------------------------- field checks
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _show(value) -> str:
+    """The value as written, with its type when that is not a number (e.g. '64' (str))."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if _is_real(value) else f"{text} ({type(value).__name__})"
+
+
+def _check_field(name: str, value, kind: str, lo=None, hi=None, optional: bool = False,
+                 lo_open: bool = False) -> None:
+    """kind "int": an int (not a bool, not 3.0); "float": a finite int or float; "bool"; "str".
+    lo / hi: inclusive bounds (lo exclusive with lo_open); optional: None allowed."""
+    if value is None and optional:
+        return
+    if kind == "int":
+        ok = _is_int(value)
+        want = "an int"
+    elif kind == "float":
+        ok = _is_real(value) and math.isfinite(value)
+        want = "a finite number"
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+        want = "true or false"
+    else:
+        ok = isinstance(value, str)
+        want = "a string"
+    if ok and lo is not None and (value <= lo if lo_open else value < lo):
+        ok = False
+    if ok and hi is not None and value > hi:
+        ok = False
+    if not ok:
+        if lo is not None and hi is not None:
+            want += f" in {'(' if lo_open else '['}{lo}, {hi}]"
+        elif lo is not None:
+            want += f" {'>' if lo_open else '>='} {lo}"
+        elif hi is not None:
+            want += f" <= {hi}"
+        if optional:
+            want += " or null"
+        raise ValueError(f"{name}: expected {want}, got {_show(value)}")
+
+
+# field -> (kind, lo, hi, optional, lo_open); relations between fields are checked in validate()
+_VISION_FIELDS = {
+    "image_size": ("int", 1), "patch_size": ("int", 1), "num_channels": ("int", 1, 4),
+    "hidden_size": ("int", 1), "intermediate_size": ("int", 1), "num_hidden_layers": ("int", 1),
+    "num_attention_heads": ("int", 1), "layer_norm_eps": ("float", 0, None, False, True),
+    "select_layer": ("int",),
+}
+_TEXT_FIELDS = {
+    "vocab_size": ("int", 1), "hidden_size": ("int", 1), "intermediate_size": ("int", 1),
+    "num_hidden_layers": ("int", 1), "num_attention_heads": ("int", 1),
+    "partial_rotary_factor": ("float", 0, 1, False, True),
+    "rope_theta": ("float", 0, None, False, True),
+    "layer_norm_eps": ("float", 0, None, False, True),
+    "max_position_embeddings": ("int", 1), "resid_pdrop": ("float", 0, 1),
+    "eos_token_id": ("int", 0, None, True), "pad_token_id": ("int", 0, None, True),
+}
+_GLUE_FIELDS = {
+    "compression": ("str",), "hd": ("bool",), "hd_grid": ("int", 1), "sap_window": ("int", 1),
+    "num_queries": ("int", 1), "embq_layer": ("int", 1), "embq_down_dim": ("int", 1),
+    "embq_num_heads": ("int", 1), "embq_num_layers": ("int", 1), "image_token_id": ("int",),
+    "query_token_id": ("int",), "query_offset_token_id": ("int", 0, None, True),
+    "question_skip_after_image": ("int", 0), "question_skip_after_answer": ("int", 0),
+    "image_aspect_ratio": ("str",),
+}
+
+
+def check_model_dtype(name: str, dtype) -> None:
+    """Refuse parameter dtypes the model cannot run in (integers, bool, complex, float8)."""
+    import torch
+
+    if dtype is None:
+        return
+    allowed = tuple(getattr(torch, n) for n in MODEL_DTYPES)
+    if dtype not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+
+
 def _only_fields(klass, values: Dict[str, Any], what: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{what}: expected a dict of fields, got {_show(values)}")
     known = {f.name for f in dataclasses.fields(klass)}
     unknown = sorted(set(values) - known)
     if unknown:

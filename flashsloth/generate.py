@@ -11,12 +11,17 @@ conversation template with "<image>\\n" before it and the query slot "<learnable
 ``--raw`` uses the prompt as written (it must then hold "<learnable>"). Without a tokenizer
 the prompt is token ids with the markers "<image>" (added at the start when absent) and
 "<learnable>" (required in the "flashsloth" mode). The answer is printed as text, or as token
-ids without a tokenizer. Bad input ends with "error: ..." on stderr and exit status 2.
+ids without a tokenizer. Generation stops on the checkpoint's own end tokens, as the original:
+the config's eos (<|endoftext|>), "</s>" (the released fine-tune ends every answer with it)
+when the tokenizer has it, and any generation_config.json eos_token_id in the checkpoint
+folder. Bad input (flags, files, checkpoints) ends with one line "error: ..." on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
@@ -96,12 +101,61 @@ def build_input_ids(args, config: FlashSlothConfig, tokenizer: Optional[Tokenize
     return ids
 
 
+def check_device(name: str) -> torch.device:
+    """--device: cpu, or cuda[:N] when that device exists."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available (this torch: "
+                             f"{torch.__version__}, CUDA {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}"
+                         + (" (the meta device holds no weights to generate with)"
+                            if dev.type == "meta" else ""))
+    return dev
+
+
+def check_args(args) -> None:
+    """Every flag's value, before any work."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature: expected a finite number >= 0 (0: greedy), got "
+                         f"{args.temperature}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k: expected an int >= 1, got {args.top_k}")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise UsageError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+    check_device(args.device)
+
+
+def stop_ids(model, args, tokenizer: Optional[Tokenizer]) -> List[int]:
+    """The checkpoint's own end tokens (config eos, "</s>" of the released fine-tune,
+    generation_config.json) plus the tokenizer's <|endoftext|> and "</s>"."""
+    from .checkpoint import stop_token_ids
+
+    if args.checkpoint:
+        ids = list(stop_token_ids(args.checkpoint, model.config, tokenizer))
+    else:
+        ids = list(model.stop_token_ids)
+    if tokenizer is not None:
+        for token in ("<|endoftext|>", "</s>"):
+            tid = tokenizer.token_to_id(token)
+            if tid is not None and 0 <= tid < model.config.text.vocab_size and tid not in ids:
+                ids.append(tid)
+    return ids
+
+
 def run(args) -> str:
     from .checkpoint import CheckpointError
     from .model import FlashSloth
 
-    if args.temperature < 0:
-        raise UsageError(f"--temperature: expected >= 0 (0: greedy), got {args.temperature}")
+    check_args(args)
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
     image = load_image(args.image)
@@ -124,16 +178,17 @@ def run(args) -> str:
         tok_path = args.checkpoint
     tokenizer = Tokenizer(tok_path) if tok_path else None
     ids = build_input_ids(args, config, tokenizer)
-    eos = config.text.eos_token_id
-    if tokenizer is not None and tokenizer.token_to_id("<|endoftext|>") is not None:
-        eos = tokenizer.token_to_id("<|endoftext|>")
+    stops = stop_ids(model, args, tokenizer)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     out = model.generate([image], torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=gen)
+                         top_k=args.top_k, top_p=args.top_p, eos_token_id=stops or None,
+                         generator=gen)
     new = out[0].tolist()
-    if eos is not None and eos in new:
-        new = new[:new.index(eos)]
+    for i, tok in enumerate(new):
+        if tok in stops:
+            new = new[:i]
+            break
     return tokenizer.decode(new).strip() if tokenizer is not None else " ".join(map(str, new))
 
 
@@ -141,8 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         print(run(args))
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as exc:
+        # OSError: unreadable files (permissions, I/O); one line, never a traceback
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,24 +19,27 @@ slots are dropped, so one prompt serves every mode. Sequences are re-padded on t
 At the input of decoder layer ``config.embq_layer`` (counted from 1), during a prefill only,
 EmbQ replaces every slot's query hidden states with
 ``lqformer(queries, question tokens, mask, un-pooled patch features of that sample)``.
-The question of a slot is the text before it: after the image (skipping
-``question_skip_after_image`` tokens, the newline of "<image>\\n"), else after the previous
-slot. For a later turn with labels, it starts after the last labelled (answer) token before
-the slot plus ``question_skip_after_answer`` tokens (the "USER:" role tokens), as the original.
-``question_mask`` overrides this.
+The question of the first slot is the text between the image (skipping
+``question_skip_after_image`` tokens, the newline of "<image>\\n") and the slot. For a later
+turn with labels (training), it starts after the last labelled (answer) token before the slot
+plus ``question_skip_after_answer`` tokens (the "USER:" role tokens), as the original. A later
+slot without a labelled answer before it (multi-turn inference: no labels) reuses the previous
+slot's question, as the original does: every turn's queries then attend to the first question,
+not to their own (the original only locates later questions from the labels).
+``question_mask`` overrides this (pass it to give each turn its own question).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import IGNORE_INDEX, FlashSlothConfig
+from .config import IGNORE_INDEX, FlashSlothConfig, check_model_dtype
 from .language import KVCache, PhiLanguageModel
 from .vision import SiglipVisionTower
 
@@ -116,7 +119,9 @@ class FlashSloth(nn.Module):
     Args:
         config: a FlashSlothConfig (e.g. ``FlashSlothConfig.preset("tiny")``).
         device: where to build it; "meta" builds the 3.2B presets without allocating memory.
-        dtype: parameter dtype (default float32).
+            None (default): torch's default device, as for nn.Module constructors (the CPU,
+            unless inside ``with torch.device(...)`` or after ``torch.set_default_device``).
+        dtype: parameter dtype (default: torch's default dtype, float32).
 
     Example:
         >>> cfg = FlashSlothConfig.preset("tiny")
@@ -130,15 +135,24 @@ class FlashSloth(nn.Module):
     def __init__(self, config: FlashSlothConfig, *, device=None,
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
+        if not isinstance(config, FlashSlothConfig):
+            raise TypeError(f"config: expected a FlashSlothConfig, got {type(config).__name__}")
         config.validate()
+        check_model_dtype("dtype", dtype)
+        # device=None follows torch's default device, as nn.Module constructors do: a
+        # `with torch.device(...)` block or torch.set_default_device(...)
+        device = _default_device() if device is None else torch.device(device)
         self.config = config
+        # Token ids generate() stops on by default; from_pretrained sets the checkpoint's own
+        # (config eos, "</s>" of the fine-tune, generation_config.json), see checkpoint.py
+        eos = config.text.eos_token_id
+        self.stop_token_ids: Tuple[int, ...] = () if eos is None else (eos,)
         # Build on the meta device, then allocate once in the target dtype and device and
         # initialise there: no float32 copy on the host first (12.8 GB at the 3.2B size).
         with torch.device("meta"):
             self._build(config)
         if dtype is not None:
             self.to(dtype)
-        device = torch.device("cpu") if device is None else torch.device(device)
         if device.type != "meta":
             if next(self.buffers(), None) is not None:
                 raise RuntimeError("FlashSloth: a submodule registered a buffer, which to_empty "
@@ -301,6 +315,7 @@ class FlashSloth(nn.Module):
             after_slot = False              # the anchor is a previous slot (a later turn)
             answer_end = None               # last labelled position since the anchor
             question_pos: List[int] = []    # with question_mask: marked positions since anchor
+            prev_qpos: List[int] = []       # the previous slot's question positions
             for t in range(T):
                 if not mask_l[b][t]:
                     continue
@@ -324,14 +339,21 @@ class FlashSloth(nn.Module):
                     start = len(index)
                     if qm_l is not None:
                         qpos = question_pos
+                    elif after_slot and answer_end is None:
+                        # A later slot with no labelled answer before it (multi-turn inference):
+                        # the original finds later questions only from the labels and gives
+                        # such a slot the previous slot's question (so every turn's queries
+                        # see the first question); done the same here, for the same logits
+                        qpos = list(prev_qpos)
                     else:
                         begin = anchor
                         # A later turn: its question starts after the previous answer (the
                         # labelled tokens) and the role tokens. The first turn's labelled
                         # tokens (a stage-1 caption) are the question itself.
-                        if after_slot and answer_end is not None:
+                        if after_slot:
                             begin = max(begin, answer_end + 1 + cfg.question_skip_after_answer)
                         qpos = list(range(min(begin, start), start))
+                    prev_qpos = qpos
                     slots.append((b, start, qpos))
                     index.extend(range(q_base, q_base + Q))
                     labs.extend([IGNORE_INDEX] * Q)
@@ -522,14 +544,17 @@ class FlashSloth(nn.Module):
     def generate(self, images=None, input_ids: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, eos_token_id: Optional[int] = -1,
+                 top_p: Optional[float] = None,
+                 eos_token_id: "Optional[int | Sequence[int]]" = -1,
                  pad_token_id: Optional[int] = None, use_cache: bool = True,
                  question_mask: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
         """Greedy or sampled generation; batches may be left-padded.
 
-        Returns the new tokens (B, n <= max_new_tokens); after a row's EOS it holds
-        ``pad_token_id``. ``eos_token_id`` -1 means the config's, None means never stop.
+        Returns the new tokens (B, n <= max_new_tokens); after a row's end token it holds
+        ``pad_token_id``. ``eos_token_id``: a token id or a sequence of them to stop on; -1
+        (default) means ``self.stop_token_ids`` (the config's eos, and for a checkpoint its own
+        end tokens: "</s>", generation_config.json, as the original); None: never stop.
         ``use_cache=False`` reruns the full sequence every step (the reference for the cache).
         """
         if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -543,7 +568,7 @@ class FlashSloth(nn.Module):
                                   or top_k < 1):
             raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
         tcfg = self.config.text
-        eos = tcfg.eos_token_id if eos_token_id == -1 else eos_token_id
+        stops = _stop_ids(eos_token_id, self.stop_token_ids)
         pad = pad_token_id if pad_token_id is not None else (tcfg.pad_token_id or 0)
         if input_ids is None:
             raise TypeError("input_ids: expected a LongTensor (B, T), got None")
@@ -573,8 +598,8 @@ class FlashSloth(nn.Module):
             tok = pick(logits)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out.append(tok)
-            if eos is not None:
-                done = done | (tok == eos)
+            if stops is not None:
+                done = done | torch.isin(tok, stops.to(tok.device))
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if use_cache:
@@ -604,13 +629,37 @@ class FlashSloth(nn.Module):
         save_pretrained(self, path, **kwargs)
 
 
+def _stop_ids(eos_token_id, default: Tuple[int, ...]) -> Optional[Tensor]:
+    """generate()'s eos_token_id as a 1-D tensor of ids (None: never stop)."""
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    if eos_token_id is None:
+        return None
+    if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
+        ids = list(default) if eos_token_id == -1 else [eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in eos_token_id):
+        ids = list(eos_token_id)
+    else:
+        raise TypeError(f"eos_token_id: expected an int, a sequence of ints, -1 (the model's "
+                        f"stop tokens) or None, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def _default_device() -> torch.device:
+    """The device a factory function without ``device=`` allocates on right now."""
+    return torch.empty(0).device
+
+
 def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
                 top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
     """(B, V) float logits -> (B,) next tokens: argmax, or a sample after temperature, top-k
     and top-p."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # Shift the best logit to 0 before dividing: a tiny temperature (1e-45) then sends the
+    # others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

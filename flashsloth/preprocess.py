@@ -4,7 +4,11 @@ Images (PIL images, or uint8 tensors / arrays of shape (H, W, C) or (C, H, W) wi
 {1, 3, 4}) become pixel values:
 
   base: squash to image_size x image_size (bicubic, aspect not kept), scale to [0, 1],
-        normalise with mean 0.5, std 0.5 -> (3, S, S)
+        normalise with mean 0.5, std 0.5 -> (3, S, S); with ``image_aspect_ratio="pad"``
+        (the original config.json's "pad") the image is first padded to a square with the
+        mean colour, as the original's expand2square
+        (HD mode pads its tiles whatever the setting, and squashes its global view, as the
+        original's HD preprocessing)
   HD:   pad to a square with the mean colour (127, 127, 127), resize to 2S x 2S, cut 2 x 2
         tiles of S x S (row-major), and add a global view (the original image squashed to S):
         [global, tile 1..4] -> (5, 3, S, S)
@@ -106,9 +110,14 @@ def pad_to_square(pil, colour: tuple):
     return out
 
 
+def mean_colour(mean: Sequence[float]) -> tuple:
+    """The padding colour of the original's expand2square: int(m * 255) per channel."""
+    return tuple(int(m * 255) for m in mean)
+
+
 def hd_views(pil, size: int, grid: int = 2, mean: Sequence[float] = (0.5, 0.5, 0.5)) -> list:
     """[global view, tile (0, 0), tile (0, 1), ..., tile (grid-1, grid-1)] as PIL images."""
-    colour = tuple(int(m * 255) for m in mean)
+    colour = mean_colour(mean)
     padded = squash(pad_to_square(pil, colour), size * grid)
     tiles = [padded.crop((x * size, y * size, (x + 1) * size, (y + 1) * size))
              for y in range(grid) for x in range(grid)]
@@ -123,6 +132,8 @@ def preprocess_image(image: ImageLike, config: FlashSlothConfig,
     if config.hd:
         views = hd_views(pil, S, config.hd_grid, config.image_mean)
         return torch.stack([_normalize(v, config.image_mean, config.image_std) for v in views])
+    if config.image_aspect_ratio == "pad":
+        pil = pad_to_square(pil, mean_colour(config.image_mean))
     return _normalize(squash(pil, S), config.image_mean, config.image_std)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: torch (CPU build, pinned), Triton (pinned to the
 # GPU machines' version), build tools, then this package with its C++ extension and
-# test/benchmark dependencies. Safe to re-run. A torch already installed (a CUDA build,
+# every extra (model, bench, test). Safe to re-run. A torch already installed (a CUDA build,
 # say) is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +13,4 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install triton==3.6.0          # the version the GPU machines carry
 fi
 "$PY" -m pip install "setuptools>=64" wheel ninja
-"$PY" -m pip install --no-build-isolation -e ".[test]"
+"$PY" -m pip install --no-build-isolation -e ".[all]"   # model, bench, test extras: everything
