@@ -498,7 +498,8 @@ def _only_fields(klass, values: Dict[str, Any], what: str):
     known = {f.name for f in dataclasses.fields(klass)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"FlashSlothConfig.{what}: unknown fields {unknown}")
+        raise ValueError(f"{what}: unknown fields {unknown} (expected some of "
+                         f"{', '.join(sorted(known))})")
     return klass(**values)
 
 
