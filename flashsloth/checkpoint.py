@@ -457,8 +457,11 @@ def load_pretrained(cls, path: str, *, dtype: Optional[torch.dtype] = None, devi
                              f"{compression!r}")
         cfg = cfg.replace(compression=compression)
     cfg.validate()
+    # config.json's torch_dtype is checked even when ``dtype`` overrides it
+    stored = (_config_dtype(path) if os.path.isfile(os.path.join(path, "config.json"))
+              else None)
     if dtype is None:
-        dtype = _config_dtype(path) or _first_float_dtype(files, infos)
+        dtype = stored or _first_float_dtype(files, infos)
     model = cls(cfg, device="meta")
     params = dict(model.named_parameters())
     expected = {to_original_key(k): tuple(v.shape) for k, v in model.state_dict().items()}

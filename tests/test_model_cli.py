@@ -1,6 +1,7 @@
 """The command line `python -m flashsloth.generate`: presets, checkpoints, tokenizers and clear
 messages (no traceback) for bad input."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from PIL import Image
 
 from flashsloth import FlashSloth, FlashSlothConfig
 from flashsloth.generate import main
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,3 +130,95 @@ def test_module_entry_point(image):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.split()) >= 1
+
+
+# ---------------------------------------------------------------- bad checkpoints and flags
+def _bad_checkpoint(tmp_path, how):
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    FlashSloth(FlashSlothConfig.preset("tiny")).save_pretrained(str(ckpt))
+    cfg_file, weights = ckpt / "config.json", ckpt / "model.safetensors"
+    data = json.loads(cfg_file.read_text())
+    if how == "heads=0":
+        data["flashsloth_kernels"]["text"]["num_attention_heads"] = 0
+        cfg_file.write_text(json.dumps(data))
+    elif how == "config list":
+        cfg_file.write_text(json.dumps([data]))
+    elif how == "config not json":
+        cfg_file.write_text("{oops")
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "int tensor":
+        state = load_file(str(weights))
+        state["lm_head.weight"] = state["lm_head.weight"].to(torch.int64)
+        save_file(state, str(weights))
+    elif how == "fp8 dtype":
+        data["torch_dtype"] = "float8_e4m3fn"
+        cfg_file.write_text(json.dumps(data))
+    return str(ckpt)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("heads=0", "text.num_attention_heads: expected an int >= 1, got 0"),
+    ("config list", "expected a JSON object, got a list"),
+    ("config not json", "not valid JSON"),
+    ("truncated", "truncated"),
+    ("empty", "empty file"),
+    ("int tensor", "integer / bool / complex tensors for floating-point parameters"),
+    ("fp8 dtype", "torch_dtype"),
+])
+def test_bad_checkpoints_get_one_line_and_exit_2(capsys, tmp_path, image, how, message):
+    ckpt = _bad_checkpoint(tmp_path, how)
+    rc, out, err = run_cli(capsys, "--image", image, "--prompt", "5 <learnable>",
+                           "--checkpoint", ckpt)
+    assert rc == 2, (how, out, err)
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--device", "bogus"], "--device: expected cpu or cuda"),
+    (["--device", "meta"], "meta device holds no weights"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+     "--device cuda"),
+    (["--temperature", "nan"], "--temperature: expected a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "0"], "--top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_bad_flags_get_one_line_and_exit_2(capsys, image, flags, message):
+    rc, out, err = run_cli(capsys, "--image", image, "--prompt", "5 <learnable>", *flags)
+    assert rc == 2, (flags, out, err)
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_a_tiny_temperature_samples_like_greedy(capsys, image):
+    base = ["--image", image, "--prompt", "5 6 <learnable>", "--max-new-tokens", "4"]
+    rc, greedy, err = run_cli(capsys, *base)
+    assert rc == 0, err
+    rc, tiny_t, err = run_cli(capsys, *base, "--temperature", "1e-45")
+    assert rc == 0, err
+    assert tiny_t == greedy
+
+
+def test_cli_stops_on_the_checkpoints_end_tokens(capsys, image, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    FlashSloth(FlashSlothConfig.preset("tiny")).save_pretrained(str(ckpt))
+    args = ["--image", image, "--prompt", "5 6 <learnable>", "--checkpoint", str(ckpt),
+            "--max-new-tokens", "8"]
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    free = [int(t) for t in out.split()]
+    assert len(free) == 8 and 2 not in free        # no eos in this random model's answer
+    stop = free[3]
+    cut = free[:free.index(stop)]
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0 and [int(t) for t in out.split()] == cut, err
+    (ckpt / "generation_config.json").unlink()
+    (ckpt / "added_tokens.json").write_text(json.dumps({"</s>": stop}))
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0 and [int(t) for t in out.split()] == cut, err
