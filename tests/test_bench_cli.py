@@ -3,6 +3,7 @@ built from on synthetic data: the interleaved timer, peak memory, bars, --compar
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -76,17 +77,127 @@ def test_compare_two_files(quick_run, capsys):
     assert "change against" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_with_a_message():
-    with pytest.raises(SystemExit):
-        main(["--only", "everything"])
-    with pytest.raises(SystemExit):
-        main(["--dtype", "int8", "--only", "ops"])
-    with pytest.raises(SystemExit):
-        main(["--preset", "huge", "--only", "model"])
+def _fail_if_run(monkeypatch):
+    from benchmarks import cli
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the suite ran although the arguments were bad")
+    monkeypatch.setattr(cli, "run", ran)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--only", "everything"], "--only: expected"),
+    (["--dtype", "int8", "--only", "ops"], "int8"),
+    (["--preset", "huge", "--only", "model"], "--preset: expected"),
+    (["--device", "bogus"], "--device: expected cpu or cuda"),
+    (["--device", "meta"], "--device: expected cpu or cuda"),
+    (["--threads", "0"], "--threads"),
+    (["--compare", "/nonexistent/old.json", "/nonexistent/new.json"],
+     "/nonexistent/old.json: no such file"),
+])
+def test_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, argv, message):
+    _fail_if_run(monkeypatch)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
     with pytest.raises(SystemExit):
         parse_args(["--compare", "a", "b", "c"])
-    with pytest.raises(FileNotFoundError):
-        main(["--compare", "/nonexistent/old.json", "/nonexistent/new.json"])
+
+
+# ---------------------------------------------------------------- --out checked before running
+def test_out_below_a_regular_file_is_refused_before_running(monkeypatch, capsys, tmp_path):
+    _fail_if_run(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub" / "dir"):
+        assert main(["--only", "ops", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --out:") and str(tmp_path / "file") in err, err
+        assert "regular file" in err or "not a folder" in err
+
+
+def test_out_on_a_read_only_place_is_refused_before_running(monkeypatch, capsys, tmp_path):
+    import errno
+    import tempfile
+
+    _fail_if_run(monkeypatch)
+    real = tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["--only", "ops", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out: cannot write results to {tmp_path / 'out'} (Read-only file " \
+                  "system)", err
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    if os.path.isdir("/sys/kernel"):      # sysfs takes no files, even from root
+        assert main(["--only", "ops", "--out", "/sys/kernel"]) == 2
+        assert "cannot write results to /sys/kernel" in capsys.readouterr().err
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            assert main(["--only", "ops", "--out", str(ro)]) == 2
+        finally:
+            ro.chmod(0o755)
+
+
+# ---------------------------------------------------------------- --compare files
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"),
+    ("dir", "is not a file"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is a binary file"),
+    (b'{"rows": [1, 2', "is not valid JSON (line 1"),
+    (b"[1, 2]", "not a flashsloth-bench results.json (a JSON list"),
+    (b'{"context": {}}', "no list of 'rows'"),
+    (b'{"rows": {"a": 1}}', "no list of 'rows'"),
+    (b'{"rows": [{"section": "ops"}, 3]}', "rows[1] is a int"),
+    (b'{"rows": [], "context": [1]}', "'context' is a list"),
+])
+def test_bad_compare_files_get_one_line_naming_the_file(monkeypatch, capsys, tmp_path, content,
+                                                        message):
+    _fail_if_run(monkeypatch)
+    bad = tmp_path / "old.json"
+    if content == "dir":
+        bad.mkdir()
+    elif content is not None:
+        bad.write_bytes(content)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"rows": [], "context": {}}))
+    for argv in (["--compare", str(bad)], ["--compare", str(bad), str(good)],
+                 ["--compare", str(good), str(bad)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --compare: {bad}") and message in err, err
+        assert "\n" not in err
+
+
+def test_flashsloth_bench_runs_from_the_checkout_and_benchmarks_is_not_installed(tmp_path):
+    """The console script finds the checkout's benchmarks/; no top-level "benchmarks" package
+    is importable from outside the checkout (it is not in the wheel)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import importlib.util, sys; "
+            "print(importlib.util.find_spec('benchmarks') is None)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.stdout.strip() == "True", proc.stdout + proc.stderr
+    from flashsloth import _bench
+
+    assert _bench.find_checkout() == root
+    (tmp_path / "x.json").write_text("[]")
+    proc = subprocess.run([sys.executable, "-m", "flashsloth._bench", "--compare",
+                           str(tmp_path / "x.json")], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "error: --compare:" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--compare",
+                           str(tmp_path / "x.json")], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "error: --compare:" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------- pieces, on synthetic data
