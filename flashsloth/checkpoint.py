@@ -491,12 +491,14 @@ def _config_dtype(path: str) -> Optional[torch.dtype]:
     refused."""
     from .config import MODEL_DTYPES
 
-    name = read_config_json(path).get("torch_dtype")
+    data = read_config_json(path)
+    field = "torch_dtype" if "torch_dtype" in data else "dtype"   # transformers >= 5: "dtype"
+    name = data.get(field)
     if name is None or name == "auto":
         return None
     if name not in MODEL_DTYPES:
         raise CheckpointError(f"checkpoint file {os.path.join(path, 'config.json')!r}: "
-                              f"torch_dtype: expected one of {', '.join(MODEL_DTYPES)} (or "
+                              f"{field}: expected one of {', '.join(MODEL_DTYPES)} (or "
                               f"\"auto\"), got {name!r}")
     return getattr(torch, name)
 
