@@ -24,6 +24,7 @@ them. Nothing is ever unpickled: safetensors files, or torch.load(weights_only=T
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -645,9 +646,22 @@ def save_pretrained(model, path: str, *, max_shard_bytes: int = 5 * 1024 ** 3) -
     os.makedirs(parent, exist_ok=True)
     import tempfile
 
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    free = shutil.disk_usage(parent).free
+    if need > free:       # the old checkpoint stays until the new one is complete: a full copy
+        raise OSError(errno.ENOSPC, f"save_pretrained: {path!r} needs {need / 2**20:.1f} MiB "
+                                    f"for the weights, {free / 2**20:.1f} MiB free on its file "
+                                    "system (the previous checkpoint is left as it was)")
     tmp = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
     try:
-        _write_weights(state, tmp, max_shard_bytes, save_file)
+        try:
+            _write_weights(state, tmp, max_shard_bytes, save_file)
+        except OSError:
+            raise
+        except Exception as exc:   # safetensors reports I/O errors (a full disk) as its own
+            raise OSError(f"save_pretrained: writing the weights of {path!r} into {tmp!r} "
+                          f"failed ({type(exc).__name__}: {exc}); the previous checkpoint is "
+                          "left as it was") from exc
         cfg = model.config.to_original_dict()
         cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
         with open(os.path.join(tmp, "config.json"), "w") as fh:

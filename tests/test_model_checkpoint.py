@@ -229,6 +229,20 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
+def test_a_full_disk_is_reported_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    path = str(tmp_path / "ckpt")
+    model = tiny()
+    model.save_pretrained(path)
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(OSError, match=r"needs \d+\.\d MiB for the weights, 0.0 MiB free"):
+        model.save_pretrained(path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    FlashSloth.from_pretrained(path)
+
+
 def test_save_into_a_file_path_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
