@@ -20,7 +20,7 @@ def _private(path: str) -> Optional[Callable]:
     """The private torch function at ``path`` (e.g. "_C._len_torch_dispatch_stack"), or None."""
     if FORCE_FALLBACK:
         return None
-    obj = torch
+    obj: object = torch
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -48,6 +48,9 @@ def functorch_transform(*kinds: str) -> Optional[str]:
     ``kinds``, or None. Fallback without the private interpreter stack: "transform" when any
     functorch transform is active and ``kinds`` is not only "vmap" (vmap is supported, so only
     a certain answer may reject it)."""
+    active = _private("_C._are_functorch_transforms_active")
+    if active is not None and not active():
+        return None  # the common case, answered cheaply
     retrieve = _private("_functorch.pyfunctorch.retrieve_all_functorch_interpreters")
     if retrieve is not None:
         try:
@@ -58,7 +61,6 @@ def functorch_transform(*kinds: str) -> Optional[str]:
             return None
         except Exception:  # an interpreter API that changed shape: fall back below
             pass
-    active = _private("_C._are_functorch_transforms_active")
     if active is not None and active() and set(kinds) != {"vmap"}:
         return "transform"
     return None

@@ -62,7 +62,8 @@ class Dispatcher:
             return [f"backend {name!r} is not implemented for {self.op}"]
         return fn(device, dtype, **facts)
 
-    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype, **facts) -> str:
+    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype,
+               **facts) -> str:
         """Resolve ``requested`` (None, "auto" or a name) to a backend that can run.
 
         Under torch.compile the choice is made once at trace time and baked into the
@@ -104,7 +105,8 @@ class Dispatcher:
                 self._auto_cache[key] = name
                 return name
             tried.append(f"{name}: {'; '.join(why)}")
-        raise BackendUnavailableError(f"{self.op}: no backend can run this input ({' | '.join(tried)})")
+        raise BackendUnavailableError(
+            f"{self.op}: no backend can run this input ({' | '.join(tried)})")
 
     def _order_for(self, device: torch.device) -> Sequence[str]:
         return self.order.get(device.type, ("reference",))
@@ -165,7 +167,8 @@ def triton_reasons(device: torch.device, dtype: torch.dtype, **_) -> List[str]:
             )
     else:
         why.append(
-            f"Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type!r}"
+            "Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got {device.type!r}"
         )
     return why
 

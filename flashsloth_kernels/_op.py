@@ -214,6 +214,19 @@ class FusedOp:
         register_flop_formula(getattr(ops, self.name))(flops)
         register_flop_formula(getattr(ops, self.name + "_backward"))(backward_flops)
 
+    def define_kernels(self, forward_schema: str, backward_schema: str,
+                       forward_fake: Callable, backward_fake: Callable) -> None:
+        """Define the compiled kernels' ops ``flashsloth::NAME_fwd`` / ``NAME_bwd`` (one schema
+        for every device; csrc/<folder>/*_cpu.cpp and *_cuda.cpp register their CPU and CUDA
+        kernels by dispatch key with TORCH_LIBRARY_IMPL) and their fake kernels, so they can be
+        traced (FakeTensor, torch.compile, opcheck) on their own."""
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        _LIBRARIES.append(lib)
+        for schema, fake in ((forward_schema, forward_fake), (backward_schema, backward_fake)):
+            name = schema.split("(", 1)[0]
+            lib.define(schema)
+            torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=lib)
+
     # --- calls ---------------------------------------------------------------------------
     def check_transforms(self, *tensors: Optional[Tensor]) -> None:
         """Forward-mode AD and torch.func's grad transforms are not supported: raise a

@@ -35,7 +35,8 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     them); the C++ side repeats the key checks. num_splits (tests and tuning): 0 chooses;
     n > 0 cuts the keys into ranges of ceil(Lk / n) keys, at most 128.
     """
-    return _cuda_ext.ops().attn_fwd(q, k, v, key_padding_mask, float(scale), int(num_splits))
+    return _cuda_ext.ops().query_patch_attention_fwd(q, k, v, key_padding_mask, float(scale),
+                                                      int(num_splits))
 
 
 def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,

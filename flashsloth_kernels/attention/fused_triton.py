@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _env, _triton_utils
+from .. import _triton_utils
 from .._triton_utils import device_guard as _device_guard
 from .._triton_utils import dot_precision as _dot_precision
 from .._triton_utils import pad_dim as _pad_dim
@@ -243,7 +243,8 @@ def _attn_fwd_combine_kernel(
     o_ptrs = (Out + b * stride_ob + h * stride_oh
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    lse = tl.where(has_keys, (big_ref + tl.log2(tl.where(has_keys, total, 1.0))) * 0.6931471805599453,
+    lse = tl.where(has_keys,
+                   (big_ref + tl.log2(tl.where(has_keys, total, 1.0))) * 0.6931471805599453,
                    float("inf"))
     tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
 
@@ -365,7 +366,8 @@ def _row_strides(t: Tensor) -> Tuple[int, int, int, int, int]:
     row strides, so every row starts on an align-element boundary (dims of size 1 never
     move, so their strides do not count).
     """
-    strides = [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3])]
+    strides = [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3],
+                                                          strict=True)]
     align = 16 // t.element_size()
     while align > 1 and any(s % align for s in strides):
         align //= 2
@@ -485,7 +487,7 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         dq_strides = (dq.stride(0), dq.stride(1), 0, dq.stride(2))
     else:
         dq_buf = torch.empty((B, H, n_kblocks, Lq, Dk), dtype=torch.float32, device=q.device)
-        dq_strides = dq_buf.stride()[:4]
+        dq_strides = tuple(dq_buf.stride()[:4])  # type: ignore[assignment]
     mask_t, smb, smn, has_mask = _mask_args(key_padding_mask, q)
     k_align, *k_strides = _row_strides(k)
     v_align, *v_strides = _row_strides(v)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -164,7 +164,8 @@ class EmbeddedQuery(nn.Module):
         text_down = down(text_states)
         image_down = self.down_projector_image(image_features)
         hq = query_states
-        for layer in self.layers:
+        for module in self.layers:
+            layer = cast(_EmbQLayer, module)
             q0 = layer.ln_q(down(hq))
             t = layer.ln_text(text_down)
             a1 = self._attend(layer.t2q_attn, q0, t, t, mask)

@@ -1,4 +1,4 @@
-"""The registered ops ``flashsloth::query_patch_attention`` (+ ``_backward``) and the public function.
+"""The registered ops ``flashsloth::query_patch_attention`` (+ ``_backward``), the public function.
 
 Naming chain: kernels (csrc/attention, fused_triton.py) -> host functions ``attn_fwd`` /
 ``attn_bwd`` (one pair per backend module; reference.py's are ``attn_reference_fwd`` / ``_bwd``)
@@ -121,6 +121,24 @@ fused.define(_forward, _forward_fake, _backward_impl, _backward_fake, _setup_con
              _attn_flop_formula, _attn_bwd_flop_formula)
 _attn_op = fused.op
 _attn_bwd_op = fused.backward_op
+
+
+def _kernel_fwd_fake(q, k, v, key_padding_mask, scale, num_splits=0):
+    return _forward_fake(q, k, v, key_padding_mask, scale, "")
+
+
+def _kernel_bwd_fake(grad_out, q, k, v, key_padding_mask, scale, out, lse):
+    return _backward_fake(grad_out, q, k, v, key_padding_mask, scale, out, lse, "")
+
+
+# The compiled kernels (cpu and cuda backends): one schema, a kernel per dispatch key.
+# num_splits: CUDA only (split the keys into this many ranges; 0 chooses).
+fused.define_kernels(
+    "query_patch_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
+    "float scale, int num_splits=0) -> (Tensor, Tensor)",
+    "query_patch_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+    "Tensor? key_padding_mask, float scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)",
+    _kernel_fwd_fake, _kernel_bwd_fake)
 
 
 def _check_scale(scale, Dk: int) -> float:

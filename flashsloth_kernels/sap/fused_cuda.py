@@ -34,8 +34,9 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
     repeats the key checks. images_per_chunk (tuning): compute z for this many images at a
     time into one reused buffer; 0 bounds z to 256 MiB.
     """
-    return _cuda_ext.ops().sap_fwd(x, w1, b1, w2, b2, int(kh), int(kw), int(H), int(W),
-                                   dropout_mask, float(dropout_scale), int(images_per_chunk))
+    return _cuda_ext.ops().spatial_attention_pool_fwd(
+        x, w1, b1, w2, b2, int(kh), int(kw), int(H), int(W), dropout_mask, float(dropout_scale),
+        False, int(images_per_chunk))
 
 
 def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -51,5 +52,6 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
         raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, and {err}")
     from . import fused_triton
 
-    return fused_triton.sap_bwd(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+    return fused_triton.sap_bwd(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask,
+                                dropout_scale,
                need_x, need_w)

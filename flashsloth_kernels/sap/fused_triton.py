@@ -52,7 +52,7 @@ interpreter accepts no multi-config autotuning without a GPU driver).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, overload
 
 import torch
 import triton
@@ -396,11 +396,15 @@ def _pool_meta(kh: int, kw: int, C: int) -> Tuple[int, int, int]:
     return win_p, block_c, num_warps
 
 
+@overload
+def _vec(t: Tensor, dtype: torch.dtype) -> Tensor: ...
+@overload
+def _vec(t: None, dtype: torch.dtype) -> None: ...
 def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1).to(dtype).contiguous()
 
 
-def _empties(x: Tensor, n: int) -> Tuple[Tensor, ...]:
+def _empties(x: Tensor, n: int) -> Tuple[Any, ...]:
     # distinct objects: the op's alias check rejects one tensor returned twice, even empty
     return tuple(x.new_empty(0) for _ in range(n))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class SpatialAttentionPool(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-        fc1, drop, fc2 = self.mlp[0], self.mlp[2], self.mlp[3]
+        fc1 = cast(nn.Linear, self.mlp[0])
+        drop = cast(nn.Dropout, self.mlp[2])
+        fc2 = cast(nn.Linear, self.mlp[3])
         return spatial_attention_pool(
             x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.window, grid_size,
             drop.p if self.training else 0.0, backend=self.backend,

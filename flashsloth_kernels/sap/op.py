@@ -60,7 +60,8 @@ def _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w):
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     if not need_w:
         return (dx,) + tuple(x.new_empty(0) for _ in range(4))
-    return dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape), w2.new_empty(1)
+    return (dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
+            w2.new_empty(1))
 
 
 def _backward_fake(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
@@ -124,6 +125,29 @@ _sap_op = fused.op
 _sap_bwd_op = fused.backward_op
 
 
+def _kernel_fwd_fake(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+                     lowp_gemm=False, images_per_chunk=0):
+    return x.new_empty(x.shape[0], reference.num_windows(H, W, kh, kw), x.shape[2])
+
+
+def _kernel_bwd_fake(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+                     need_x, need_w, lowp_gemm=False):
+    return _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w)
+
+
+# The compiled kernels (cpu and cuda backends): one schema, a kernel per dispatch key.
+# lowp_gemm: CPU only (run the scorer GEMMs in 16 bits where oneDNN has a fast 16-bit GEMM);
+# images_per_chunk: CUDA only (compute z for this many images at a time; 0 chooses).
+fused.define_kernels(
+    "spatial_attention_pool_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+    "int kh, int kw, int H, int W, Tensor? dropout_mask, float dropout_scale, "
+    "bool lowp_gemm=False, int images_per_chunk=0) -> Tensor",
+    "spatial_attention_pool_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, "
+    "Tensor? b2, int kh, int kw, int H, int W, Tensor? dropout_mask, float dropout_scale, "
+    "bool need_x, bool need_w, bool lowp_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _kernel_fwd_fake, _kernel_bwd_fake)
+
+
 def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
     if x.dim() == 4:
         H, W = x.shape[1], x.shape[2]
@@ -135,7 +159,8 @@ def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
     if grid_size is None:
         side = math.isqrt(N)
         if side * side != N:
-            raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect square; "
+            raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect "
+                             "square; "
                              "pass grid_size=(H, W) with H * W == N")
         return side, side
     H, W = _checks.int_pair("grid_size", grid_size)
@@ -190,7 +215,8 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     if b1 is not None:
         _checks.shape("b1", b1, (Ch,), f"(Ch from w1 of shape {tuple(w1.shape)})")
     if w2.shape not in ((1, Ch), (Ch,)):
-        raise ValueError(f"w2: expected shape (1, {Ch}) or ({Ch},) (Ch from w1), got {tuple(w2.shape)}")
+        raise ValueError(f"w2: expected shape (1, {Ch}) or ({Ch},) (Ch from w1), "
+                         f"got {tuple(w2.shape)}")
     if b2 is not None and b2.numel() != 1:
         raise ValueError(f"b2: expected shape (1,) or a 0-dim tensor, got {tuple(b2.shape)}")
     H, W = _grid(x, grid_size)
