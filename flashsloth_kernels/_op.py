@@ -139,8 +139,12 @@ def forward_unset(*args):
 class FusedOp:
     """One op's backends, host functions and registered custom ops (see the module doc)."""
 
-    def __init__(self, name: str, folder: str, prefix: str, reference_hosts: HostPair):
+    def __init__(self, name: str, folder: str, prefix: str, reference_hosts: HostPair,
+                 plain_reference: str):
         self.name = name
+        # the plain-PyTorch function of the math, for error messages (differentiable in every
+        # mode, as composite torch code)
+        self.plain_reference = plain_reference
         self.folder = folder
         self.prefix = prefix
         self.dispatcher = Dispatcher(name)
@@ -231,18 +235,17 @@ class FusedOp:
     def check_transforms(self, *tensors: Optional[Tensor]) -> None:
         """Forward-mode AD and torch.func's grad transforms are not supported: raise a
         RuntimeError naming the op and what to use instead (never a silent zero tangent)."""
-        alternative = ("use reverse mode (loss.backward() or torch.autograd.grad), or "
-                       "backend='reference' outside the op via flashsloth_kernels."
-                       f"{self.folder}.reference")
-        if _compat.has_forward_grad(*tensors):
-            raise RuntimeError(f"{self.name}: forward-mode AD (torch.autograd.forward_ad) is not "
-                               f"supported by its fused kernels; {alternative}")
+        alternative = ("use reverse mode (loss.backward() or torch.autograd.grad), or the "
+                       f"plain-PyTorch {self.plain_reference}, which every transform supports")
         kind = _compat.functorch_transform("jvp", "grad", "transform")
         if kind is not None:
             what = {"jvp": "torch.func.jvp / jacfwd (forward-mode AD)",
                     "grad": "torch.func.grad / jacrev / vjp"}.get(kind, "torch.func transforms")
             raise RuntimeError(f"{self.name}: {what} is not supported by its registered op; "
                                f"{alternative} (torch.vmap is supported)")
+        if _compat.has_forward_grad(*tensors):
+            raise RuntimeError(f"{self.name}: forward-mode AD (torch.autograd.forward_ad) is not "
+                               f"supported by its fused kernels; {alternative}")
 
     def call(self, args: Sequence[Any], tensors: Sequence[Optional[Tensor]],
              device: torch.device) -> Any:

@@ -9,10 +9,15 @@ inputs, with the tolerance of one rounding to ``dtype`` (plus fp32 accumulation 
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA, backend_devices
-from flashsloth_kernels import (EmbeddedQuery, SpatialAttentionPool, query_patch_attention,
-                                spatial_attention_pool)
+
+from flashsloth_kernels import (
+    EmbeddedQuery,
+    SpatialAttentionPool,
+    query_patch_attention,
+    spatial_attention_pool,
+)
+
 
 # bf16 is what users pick on CPU; the Triton interpreter only does fp16 (its bf16 arithmetic is
 # wrong), so Triton on CPU is checked with fp16 autocast.

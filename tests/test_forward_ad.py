@@ -4,8 +4,8 @@ alternative, never a silent zero or None tangent; reverse mode and vmap keep wor
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-
 from conftest import backend_devices
+
 from flashsloth_kernels import _compat, query_patch_attention, spatial_attention_pool
 
 
@@ -41,25 +41,29 @@ def test_forward_ad_dual_tensors_raise(backend, device):
                 f(dual)
 
 
+def _run_transform(transform, f, t):
+    if transform == "jvp":
+        return torch.func.jvp(f, (t,), (torch.ones_like(t),))
+    if transform == "jacfwd":
+        return torch.func.jacfwd(f)(t)
+    if transform == "grad":
+        return torch.func.grad(lambda a: f(a).sum())(t)
+    return torch.func.jacrev(f)(t)
+
+
 @pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("transform", ["jvp", "jacfwd", "grad", "jacrev"])
 def test_func_transforms_raise_the_projects_message(backend, device, transform):
     for name, f, t in _ops(backend, device):
-        g = lambda a: f(a).sum()  # noqa: E731
-        run = {
-            "jvp": lambda: torch.func.jvp(f, (t,), (torch.ones_like(t),)),
-            "jacfwd": lambda: torch.func.jacfwd(f)(t),
-            "grad": lambda: torch.func.grad(g)(t),
-            "jacrev": lambda: torch.func.jacrev(f)(t),
-        }[transform]
         with pytest.raises(RuntimeError, match=rf"{name}: torch\.func\..* is not supported") as e:
-            run()
+            _run_transform(transform, f, t)
         assert "setup_context" not in str(e.value)
+        assert "reference" in str(e.value)  # names the alternative
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_vmap_and_reverse_mode_still_work(backend, device):
-    for name, f, t in _ops(backend, device):
+    for _name, f, t in _ops(backend, device):
         batched = torch.stack([t, 2 * t])
         got = torch.vmap(f)(batched)
         want = torch.stack([f(t), f(2 * t)])
@@ -78,3 +82,20 @@ def test_transform_detection_falls_back_without_private_apis(monkeypatch):
     x, ws = _sap("cpu")
     with pytest.raises(RuntimeError, match="spatial_attention_pool: torch.func transforms"):
         torch.func.grad(lambda t: spatial_attention_pool(t, *ws, window=3).sum())(x)
+
+
+def test_the_named_alternative_supports_forward_mode():
+    """The error names the plain-PyTorch reference: jvp through it matches finite differences."""
+    from flashsloth_kernels.sap.reference import sap_reference
+
+    x, (w1, b1, w2, b2) = _sap("cpu")
+    x, w1, b1, w2, b2 = (t.double() for t in (x, w1, b1, w2, b2))
+    tangent = torch.randn_like(x)
+
+    def f(t):
+        return sap_reference(t, w1, b1, w2.reshape(-1), b2, 3, 3, 3, 3)
+
+    _, jvp = torch.func.jvp(f, (x,), (tangent,))
+    eps = 1e-6
+    fd = (f(x + eps * tangent) - f(x - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(jvp, fd, rtol=1e-5, atol=1e-7)

@@ -25,7 +25,9 @@ Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
 
 fused = FusedOp("query_patch_attention", folder="attention", prefix="attn",
-                reference_hosts=(reference.attn_reference_fwd, reference.attn_reference_bwd))
+                reference_hosts=(reference.attn_reference_fwd, reference.attn_reference_bwd),
+                plain_reference=("flashsloth_kernels.attention.reference."
+                                 "query_patch_attention_reference"))
 dispatcher = fused.dispatcher
 
 

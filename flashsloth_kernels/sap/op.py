@@ -20,7 +20,8 @@ from . import reference
 Tensor = torch.Tensor
 
 fused = FusedOp("spatial_attention_pool", folder="sap", prefix="sap",
-                reference_hosts=(reference.sap_reference_fwd, reference.sap_reference_bwd))
+                reference_hosts=(reference.sap_reference_fwd, reference.sap_reference_bwd),
+                plain_reference="flashsloth_kernels.sap.reference.sap_reference")
 dispatcher = fused.dispatcher
 
 
