@@ -28,6 +28,8 @@ dispatcher = fused.dispatcher
 def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
              kh: int, kw: int, H: int, W: int, dropout_mask: Optional[Tensor],
              dropout_scale: float, backend: str) -> Tensor:
+    if H == SQUARE:
+        H = W = _square_side(x.shape[1])
     if x.shape[0] == 0:
         return x.new_empty(0, reference.num_windows(H, W, kh, kw), x.shape[2])
     name = fused.resolve(backend, x.device, x.dtype, needs_grad=_requires_grad(x, w1, b1, w2, b2))
@@ -40,13 +42,19 @@ def _requires_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 def _forward_fake(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend):
-    return x.new_empty(x.shape[0], reference.num_windows(H, W, kh, kw), x.shape[2])
+    if H == SQUARE:
+        G = torch.library.get_ctx().new_dynamic_size(min=1)
+    else:
+        G = reference.num_windows(H, W, kh, kw)
+    return x.new_empty(x.shape[0], G, x.shape[2])
 
 
 def _backward_impl(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                    b2: Optional[Tensor], kh: int, kw: int, H: int, W: int,
                    dropout_mask: Optional[Tensor], dropout_scale: float, backend: str,
                    need_x: bool, need_w: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if H == SQUARE:
+        H = W = _square_side(x.shape[1])
     if x.shape[0] == 0:
         dx, dw1, db1, dw2, db2 = _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w)
         return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2.zero_()
@@ -149,6 +157,20 @@ fused.define_kernels(
     _kernel_fwd_fake, _kernel_bwd_fake)
 
 
+# H = W = SQUARE tells the op that x (B, N, C) is a square grid whose side it computes from N
+# when it runs: torch.export of 3-D input with a dynamic N (sqrt(N) cannot be a guard of the
+# exported program; the output's window count is then a size the program learns at run time).
+SQUARE = 0
+
+
+def _square_side(N: int) -> int:
+    side = math.isqrt(N)
+    if side * side != N:
+        raise ValueError(f"x: N = {N} patches is not a perfect square; pass grid_size=(H, W) "
+                         "with H * W == N")
+    return side
+
+
 def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
     if x.dim() == 4:
         H, W = x.shape[1], x.shape[2]
@@ -158,6 +180,8 @@ def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
         return H, W
     N = x.shape[1]
     if grid_size is None:
+        if isinstance(N, torch.SymInt) and torch.compiler.is_exporting():
+            return SQUARE, SQUARE  # a dynamic N: the op takes the square root when it runs
         side = math.isqrt(N)
         if side * side != N:
             raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect "
@@ -222,7 +246,7 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
         raise ValueError(f"b2: expected shape (1,) or a 0-dim tensor, got {tuple(b2.shape)}")
     H, W = _grid(x, grid_size)
     kh, kw = _checks.int_pair("window", window)
-    if kh > H or kw > W:
+    if H != SQUARE and (kh > H or kw > W):
         raise ValueError(f"window: ({kh}, {kw}) is larger than the ({H}, {W}) grid")
     p = _checks.probability("dropout_p", dropout_p)
     requested = fused.requested(backend)
@@ -231,10 +255,10 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     fused.resolve(requested, x.device, dtype, needs_grad)  # raises before any work
 
     B = x.shape[0]
-    x3 = x.reshape(B, H * W, C)
+    x3 = x.reshape(B, -1, C)
     mask = None
     if p > 0.0:
-        mask = torch.empty((B, H * W, Ch), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        mask = torch.empty((B, x3.shape[1], Ch), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
     args = (x3, w1, b1, w2.reshape(Ch), None if b2 is None else b2.reshape(1),
             kh, kw, H, W, mask, 1.0 / (1.0 - p), requested)
     return fused.call(args, (x, w1, b1, w2, b2), x.device)
