@@ -258,7 +258,8 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     x3 = x.reshape(B, -1, C)
     mask = None
     if p > 0.0:
-        mask = torch.empty((B, x3.shape[1], Ch), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        mask = torch.empty((B, x3.shape[1], Ch), dtype=torch.bool,
+                           device=x.device).bernoulli_(1.0 - p)
     args = (x3, w1, b1, w2.reshape(Ch), None if b2 is None else b2.reshape(1),
             kh, kw, H, W, mask, 1.0 / (1.0 - p), requested)
     return fused.call(args, (x, w1, b1, w2, b2), x.device)
