@@ -42,10 +42,9 @@ def _requires_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 def _forward_fake(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend):
+    G: Union[int, torch.SymInt] = reference.num_windows(H, W, kh, kw)
     if H == SQUARE:
         G = torch.library.get_ctx().new_dynamic_size(min=1)
-    else:
-        G = reference.num_windows(H, W, kh, kw)
     return x.new_empty(x.shape[0], G, x.shape[2])
 
 
