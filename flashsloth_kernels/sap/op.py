@@ -254,7 +254,7 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     fused.resolve(requested, x.device, dtype, needs_grad)  # raises before any work
 
     B = x.shape[0]
-    x3 = x.reshape(B, -1, C)
+    x3 = x if x.dim() == 3 else x.reshape(B, x.shape[1] * x.shape[2], C)
     mask = None
     if p > 0.0:
         mask = torch.empty((B, x3.shape[1], Ch), dtype=torch.bool,
