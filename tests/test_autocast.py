@@ -132,3 +132,13 @@ def test_cuda_autocast_on_cpu_tensors_is_ignored():
     x, w1, b1, w2, b2 = _sap_inputs("cpu")
     with torch.autocast("cuda", dtype=torch.float16):
         assert spatial_attention_pool(x, w1, b1, w2, b2, window=2).dtype == torch.float32
+
+
+def test_compiled_module_under_autocast_matches_eager():
+    pool = SpatialAttentionPool(16, window=3, hidden_dim=8).eval()
+    x = torch.randn(2, 36, 16)
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(x), pool(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
