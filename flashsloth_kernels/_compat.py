@@ -8,6 +8,7 @@ op runs through its public path (``torch.library`` custom op), which is always c
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -75,3 +76,24 @@ def has_forward_grad(*tensors: Optional[torch.Tensor]) -> bool:
         if t is not None and forward_ad.unpack_dual(t).tangent is not None:
             return True
     return False
+
+
+def mkldnn_fast_gemm(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU, from the
+    private ``torch.ops.mkldnn._is_mkldnn_*_supported`` probes; False (fp32 GEMMs, always
+    correct) when they are missing."""
+    return not FORCE_FALLBACK and _mkldnn_probe(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _mkldnn_probe(dtype: torch.dtype) -> bool:
+    probe = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    if probe is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False

@@ -106,3 +106,17 @@ def test_kernel_ops_have_one_name_and_namespace():
 def test_sap_module_validates_its_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         fk.SpatialAttentionPool(**kwargs)
+
+
+def test_compat_fallbacks_answer_conservatively(monkeypatch):
+    """Every private-API helper in _compat has a safe answer when the API is missing, and the
+    ops give the same results through it."""
+    args = _sap_args()
+    with torch.no_grad():
+        want = fk.spatial_attention_pool(*[t.bfloat16() for t in args], window=3, backend="cpu")
+    monkeypatch.setattr(_compat, "FORCE_FALLBACK", True)
+    assert not _compat.nothing_observes(torch.ones(1))
+    assert not _compat.mkldnn_fast_gemm(torch.bfloat16)   # fp32 GEMMs
+    with torch.no_grad():
+        got = fk.spatial_attention_pool(*[t.bfloat16() for t in args], window=3, backend="cpu")
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)

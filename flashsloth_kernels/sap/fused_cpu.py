@@ -22,31 +22,20 @@ upcast and every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
-from .. import _ext
+from .. import _compat, _ext
 
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
 
 
-@functools.lru_cache(maxsize=None)
 def _lowp_gemm(dtype: torch.dtype) -> bool:
     """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU."""
-    probe = {
-        torch.bfloat16: "_is_mkldnn_bf16_supported",
-        torch.float16: "_is_mkldnn_fp16_supported",
-    }.get(dtype)
-    if probe is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return False
+    return _compat.mkldnn_fast_gemm(dtype)
 
 
 def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
