@@ -120,3 +120,25 @@ def test_compat_fallbacks_answer_conservatively(monkeypatch):
     with torch.no_grad():
         got = fk.spatial_attention_pool(*[t.bfloat16() for t in args], window=3, backend="cpu")
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_opcheck_the_compiled_kernel_ops():
+    """flashsloth::<op>_fwd / _bwd: schema, fake kernels and the CPU kernels agree."""
+    if _ext.ext_error("flashsloth_kernels.sap._C") or _ext.ext_error(
+            "flashsloth_kernels.attention._C"):
+        pytest.skip("the C++ extensions are not built")
+    from flashsloth_kernels.attention import fused_cpu as attn_cpu  # noqa: F401
+    from flashsloth_kernels.sap import fused_cpu  # noqa: F401
+
+    ops = torch.ops.flashsloth
+    x, w1, b1, w2, b2 = _sap_args()
+    sap = (x, w1, b1, w2.reshape(4), b2, 3, 3, 3, 3, None, 1.0)
+    torch.library.opcheck(ops.spatial_attention_pool_fwd.default, sap)
+    torch.library.opcheck(ops.spatial_attention_pool_bwd.default,
+                          (torch.randn(2, 1, 8),) + sap + (True, True))
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    mask = torch.tensor([[True, False, True, True, False]])
+    torch.library.opcheck(ops.query_patch_attention_fwd.default, (q, k, v, mask, 0.5))
+    out, lse = ops.query_patch_attention_fwd(q, k, v, mask, 0.5)
+    torch.library.opcheck(ops.query_patch_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, mask, 0.5, out, lse))
