@@ -72,6 +72,9 @@ def has_forward_grad(*tensors: Optional[torch.Tensor]) -> bool:
     through the public unpack_dual."""
     from torch.autograd import forward_ad
 
+    level = None if FORCE_FALLBACK else getattr(forward_ad, "_current_level", None)
+    if isinstance(level, int) and level < 0:
+        return False  # no dual level entered: no dual tensor can exist (the cheap answer)
     for t in tensors:
         if t is not None and forward_ad.unpack_dual(t).tangent is not None:
             return True
