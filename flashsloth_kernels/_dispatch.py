@@ -66,9 +66,11 @@ class Dispatcher:
                **facts) -> str:
         """Resolve ``requested`` (None, "auto" or a name) to a backend that can run.
 
-        Under torch.compile the choice is made once at trace time and baked into the
-        graph as a constant (facts must be plain ints / strs / bools). In eager mode the
-        plain resolution runs: the constant-result wrapper costs tens of us a call.
+        Under torch.compile the answer is computed once at trace time as a constant (facts
+        must be plain ints / strs / bools); the public functions use it only to fail early:
+        the graph holds the *requested* name, which the op resolves when it runs
+        (flashsloth_kernels/_op.py). In eager mode the plain resolution runs: the
+        constant-result wrapper costs tens of us a call.
         """
         items = tuple(sorted(facts.items()))
         if torch.compiler.is_compiling():
