@@ -102,3 +102,11 @@ def test_attention_and_embq_export_with_dynamic_key_length():
     torch.testing.assert_close(ep.module()(*args), embq(*args))
     assert attn_op.dispatcher.select(None, torch.device("cpu"), torch.float32) in ("cpu",
                                                                                     "reference")
+
+
+def test_sap_3d_input_compiles_with_dynamic_shapes():
+    pool = _pool()
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (36, 81):
+        x = torch.randn(2, n, 16)
+        torch.testing.assert_close(compiled(x), pool(x))

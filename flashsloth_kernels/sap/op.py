@@ -179,9 +179,14 @@ def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
         return H, W
     N = x.shape[1]
     if grid_size is None:
-        if isinstance(N, torch.SymInt) and torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() and isinstance(N, torch.SymInt):
             return SQUARE, SQUARE  # a dynamic N: the op takes the square root when it runs
-        side = math.isqrt(N)
+        if torch.compiler.is_compiling():
+            # N may be symbolic (dynamic shapes): a square root dynamo can trace (its guards
+            # recompile for a new N); math.isqrt would break the graph
+            side = torch.sym_int(torch.sym_sqrt(N))
+        else:
+            side = math.isqrt(N)
         if side * side != N:
             raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect "
                              "square; "
