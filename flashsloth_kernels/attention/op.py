@@ -209,7 +209,9 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
             BackendUnavailableError saying why.
 
     Returns:
-        (B, H, Lq, Dv) in q's dtype. Differentiable in q, k and v.
+        (B, H, Lq, Dv) in q's dtype (inside torch.autocast: the autocast dtype, every input
+        cast to it). Differentiable in q, k and v in reverse mode; forward-mode AD and
+        torch.func.grad / jacrev raise (see flashsloth_kernels/_op.py).
 
     Example:
         >>> q = torch.randn(2, 32, 9, 18)

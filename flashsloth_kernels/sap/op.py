@@ -219,7 +219,9 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
             BackendUnavailableError saying why.
 
     Returns:
-        (B, ceil(H / kh) * ceil(W / kw), C) in x's dtype.
+        (B, ceil(H / kh) * ceil(W / kw), C) in x's dtype (inside torch.autocast: the autocast
+        dtype, every input cast to it). Differentiable in reverse mode; forward-mode AD and
+        torch.func.grad / jacrev raise (see flashsloth_kernels/_op.py).
 
     Example:
         >>> x = torch.randn(2, 729, 1152)
