@@ -46,12 +46,14 @@ def same_dtype_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch
                 f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}"
             )
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "
+                            f"got {t.dtype}")
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[Optional[int]], what: str = "") -> None:
     """Check ``t.shape`` against ``expected`` (None matches any size)."""
-    ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
+    ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected,
+                                                                            strict=False))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         extra = f" {what}" if what else ""
@@ -73,7 +75,8 @@ def int_pair(name: str, v) -> Tuple[int, int]:
             raise ValueError(f"{name}: expected an int or a pair (a, b), got {tuple(v)!r}")
         return positive_int(f"{name}[0]", v[0]), positive_int(f"{name}[1]", v[1])
     if isinstance(v, torch.Size) or isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {type(v).__name__} ({v!r})")
+        raise TypeError(f"{name}: expected an int or a pair of ints, "
+                        f"got {type(v).__name__} ({v!r})")
     positive_int(name, v)
     return v, v
 

@@ -1,8 +1,10 @@
-"""Loading of the CUDA extension (the ``cuda`` backend's kernels, ``torch.ops.flashsloth_cuda``).
+"""Loading of the CUDA extension (the ``cuda`` backend's kernels: the CUDA kernels of the
+``torch.ops.flashsloth.*_fwd`` ops).
 
 The extension is one shared library built from ``csrc/**/*.cu`` and ``csrc/**/*_cuda.cpp``. Its
-ops register themselves with ``TORCH_LIBRARY_FRAGMENT(flashsloth_cuda, ...)``, so loading the
-library is all it takes; it has no Python module body. Where it comes from, in order:
+kernels register themselves with ``TORCH_LIBRARY_IMPL(flashsloth, CUDA, ...)`` for the schemas
+the ops' op.py define, so loading the library is all it takes; it has no Python module body.
+Where it comes from, in order:
 
 1. ``flashsloth_kernels/_cuda*.so``, built by ``setup.py`` when a CUDA toolkit and a CUDA build
    of torch were present at install time;
@@ -137,11 +139,11 @@ def loaded_from() -> Optional[str]:
 
 
 def ops():
-    """torch.ops.flashsloth_cuda, loading the extension first; raises RuntimeError if it cannot."""
+    """torch.ops.flashsloth, loading the CUDA extension first; raises RuntimeError if it cannot."""
     err = _load()
     if err is not None:
         raise RuntimeError(err)
-    return torch.ops.flashsloth_cuda
+    return torch.ops.flashsloth
 
 
 def cuda_reasons(device: torch.device, dtype: torch.dtype, **facts) -> List[str]:

@@ -62,12 +62,15 @@ class Dispatcher:
             return [f"backend {name!r} is not implemented for {self.op}"]
         return fn(device, dtype, **facts)
 
-    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype, **facts) -> str:
+    def select(self, requested: str | None, device: torch.device, dtype: torch.dtype,
+               **facts) -> str:
         """Resolve ``requested`` (None, "auto" or a name) to a backend that can run.
 
-        Under torch.compile the choice is made once at trace time and baked into the
-        graph as a constant (facts must be plain ints / strs / bools). In eager mode the
-        plain resolution runs: the constant-result wrapper costs tens of us a call.
+        Under torch.compile the answer is computed once at trace time as a constant (facts
+        must be plain ints / strs / bools); the public functions use it only to fail early:
+        the graph holds the *requested* name, which the op resolves when it runs
+        (flashsloth_kernels/_op.py). In eager mode the plain resolution runs: the
+        constant-result wrapper costs tens of us a call.
         """
         items = tuple(sorted(facts.items()))
         if torch.compiler.is_compiling():
@@ -104,7 +107,8 @@ class Dispatcher:
                 self._auto_cache[key] = name
                 return name
             tried.append(f"{name}: {'; '.join(why)}")
-        raise BackendUnavailableError(f"{self.op}: no backend can run this input ({' | '.join(tried)})")
+        raise BackendUnavailableError(
+            f"{self.op}: no backend can run this input ({' | '.join(tried)})")
 
     def _order_for(self, device: torch.device) -> Sequence[str]:
         return self.order.get(device.type, ("reference",))
@@ -165,7 +169,8 @@ def triton_reasons(device: torch.device, dtype: torch.dtype, **_) -> List[str]:
             )
     else:
         why.append(
-            f"Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type!r}"
+            "Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got {device.type!r}"
         )
     return why
 

@@ -25,21 +25,21 @@ def ext_error(module: str) -> str | None:
 
 
 def cpu_ops(module: str):
-    """torch.ops.flashsloth_C after loading the CPU extension ``module`` (raises if missing)."""
+    """torch.ops.flashsloth after loading the CPU extension ``module`` (raises if missing)."""
     mod, err = _load(module)
     if mod is None:
         raise RuntimeError(f"{module} is not available ({err}); "
                            "reinstall with `pip install --no-build-isolation -e .`")
     import torch
 
-    return torch.ops.flashsloth_C
+    return torch.ops.flashsloth
 
 
 @functools.lru_cache(maxsize=None)
 def triton_error() -> str | None:
     """None when Triton imports, else why not."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"

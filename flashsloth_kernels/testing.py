@@ -41,11 +41,13 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
     """Assert ``actual`` matches ``expected`` within the tolerance of ``dtype`` (times ``scale``).
 
     Passes when the norm-wise relative error is within REL_TOL[dtype] * scale, or when every
-    element is within ABS_TOL[dtype] * scale (for tensors that are ~0 exactly). On failure the message says which tensor, the relative error against its bound and where
-    the largest absolute difference sits.
+    element is within ABS_TOL[dtype] * scale (for tensors that are ~0 exactly). On failure the
+    message says which tensor, the relative error against its bound and where the largest
+    absolute difference sits.
     """
     if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected "
+                             f"{tuple(expected.shape)}")
     if actual.numel() == 0:
         return
     finite = torch.isfinite(actual.detach().to(torch.float64))
@@ -59,7 +61,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
         idx = torch.unravel_index(diff.argmax(), diff.shape)
         where = tuple(int(i) for i in idx)
         raise AssertionError(
-            f"{name}: relative error {err:.3e} > {tol:.1e} ({dtype}); max |diff| {diff.max().item():.3e} "
+            f"{name}: relative error {err:.3e} > {tol:.1e} ({dtype}); "
+            f"max |diff| {diff.max().item():.3e} "
             f"at {where}: got {actual[where].item():.6g}, expected {expected[where].item():.6g}"
         )
 

@@ -270,25 +270,25 @@ def test_cpp_checks_name_the_argument():
     x, w1, b1, w2, b2, _, _ = make_sap_inputs((1, 3, 3, 8, 8, (3, 3), True, False),
                                               torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="w1: expected shape"):
-        ops.sap_fwd(x, w1[:, :4], b1, w2, b2, 3, 3, 3, 3, None, 1.0, 0)
+        ops.spatial_attention_pool_fwd(x, w1[:, :4], b1, w2, b2, 3, 3, 3, 3, None, 1.0)
     with pytest.raises(RuntimeError, match="w2: expected dtype"):
-        ops.sap_fwd(x, w1, b1, w2.half(), b2, 3, 3, 3, 3, None, 1.0, 0)
+        ops.spatial_attention_pool_fwd(x, w1, b1, w2.half(), b2, 3, 3, 3, 3, None, 1.0)
     with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
-        ops.sap_fwd(x.cpu(), w1, b1, w2, b2, 3, 3, 3, 3, None, 1.0, 0)
+        ops.spatial_attention_pool_fwd(x.cpu(), w1, b1, w2, b2, 3, 3, 3, 3, None, 1.0)
     with pytest.raises(RuntimeError, match="kh, kw"):
-        ops.sap_fwd(x, w1, b1, w2, b2, 4, 3, 3, 3, None, 1.0, 0)
+        ops.spatial_attention_pool_fwd(x, w1, b1, w2, b2, 4, 3, 3, 3, None, 1.0)
     q, k, v, mask, _ = make_attn_inputs((2, 2, 3, 10, 8, 8, True), torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="key_padding_mask: expected dtype bool"):
-        ops.attn_fwd(q, k, v, mask.float(), 1.0, 0)
+        ops.query_patch_attention_fwd(q, k, v, mask.float(), 1.0, 0)
     with pytest.raises(RuntimeError, match="v: expected shape"):
-        ops.attn_fwd(q, k, v[:, :, :5], None, 1.0, 0)
+        ops.query_patch_attention_fwd(q, k, v[:, :, :5], None, 1.0, 0)
     with pytest.raises(RuntimeError, match="head dim Dk"):
         z = lambda *shape: torch.zeros(*shape, device="cuda")  # noqa: E731
-        ops.attn_fwd(z(1, 1, 1, 257), z(1, 1, 2, 257), z(1, 1, 2, 4), None, 1.0, 0)
+        ops.query_patch_attention_fwd(z(1, 1, 1, 257), z(1, 1, 2, 257), z(1, 1, 2, 4), None, 1.0, 0)
     with pytest.raises(RuntimeError, match="num_splits"):
-        ops.attn_fwd(q, k, v, None, 1.0, 129)
+        ops.query_patch_attention_fwd(q, k, v, None, 1.0, 129)
     with pytest.raises(RuntimeError, match="scale"):
-        ops.attn_fwd(q, k, v, None, float("nan"), 0)
+        ops.query_patch_attention_fwd(q, k, v, None, float("nan"), 0)
 
 
 @pytest.mark.gpu
@@ -528,7 +528,7 @@ int emu_sap_epilogue(int dtype, void* z, void* x, void* b1, void* w2, void* b2, 
   a.dropout_mask = static_cast<const uint8_t*>(mask); a.dropout_scale = dropout_scale;
   a.out = out; a.B = B; a.H = H; a.W = W; a.C = C; a.Ch = Ch; a.kh = kh; a.kw = kw;
   emu::g_launch_error = 0;
-  const int err = sap_fwd_epilogue_launch(static_cast<SapDtype>(dtype), a, nullptr);
+  const int err = sap_fwd_epilogue_launch(static_cast<Dtype>(dtype), a, nullptr);
   return err ? err : (emu::g_launch_error ? 1000 : 0);
 }
 int emu_attn_plan(long BH, int Lq, int Lk, int Dk, int Dv, int req, int sm, int smem, long* o) {
@@ -552,13 +552,13 @@ int emu_attn_fwd(int dtype, void* q, void* k, void* v, void* mask, void* out, fl
     a.part_o = part_o; a.part_lse = part_lse;
   }
   emu::g_launch_error = 0;
-  int err = attn_fwd_launch(static_cast<AttnDtype>(dtype), a, p, nullptr);
+  int err = attn_fwd_launch(static_cast<Dtype>(dtype), a, p, nullptr);
   if (err || emu::g_launch_error) return err ? err : 1000;
   if (p.num_splits == 1) return 0;
   AttnCombineArgs c{};
   c.part_o = part_o; c.part_lse = part_lse; c.out = out; c.lse = lse; c.BH = BH; c.Lq = Lq;
   c.Dv = Dv; c.num_splits = p.num_splits;
-  err = attn_fwd_combine_launch(static_cast<AttnDtype>(dtype), c, nullptr);
+  err = attn_fwd_combine_launch(static_cast<Dtype>(dtype), c, nullptr);
   return err ? err : (emu::g_launch_error ? 1000 : 0);
 }
 }
@@ -621,9 +621,13 @@ def build_emulation(workdir: Path) -> tuple[Path, str | None]:
     for name, text in _EMU_HEADERS.items():
         (fake / name).write_text(text)
     digest = hashlib.sha256((_EMU_CORE + _EMU_HARNESS + str(asan)).encode())
-    for path in sorted(ROOT.glob("csrc/sap/*.cu*")) + sorted(ROOT.glob("csrc/attention/*.cu*")):
+    (src / "common").mkdir(exist_ok=True)
+    shared = sorted(ROOT.glob("csrc/common/*.cuh")) + sorted(ROOT.glob("csrc/common/*.h"))
+    ops = sorted(ROOT.glob("csrc/sap/*.cu*")) + sorted(ROOT.glob("csrc/attention/*.cu*"))
+    for path in ops + shared:
         text = _rewrite_cuda_source(path.read_text())
-        (src / path.name).write_text(text)
+        dest = src / "common" / path.name if path.parent.name == "common" else src / path.name
+        dest.write_text(text)
         digest.update(path.name.encode() + text.encode())
     (src / "harness.cpp").write_text(_EMU_HARNESS)
     lib = workdir / f"libemu-{digest.hexdigest()[:16]}.so"

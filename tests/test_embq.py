@@ -201,6 +201,34 @@ def test_text_mask_none_int_and_all_padding():
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_empty_question_text_contributes_zero(backend, device):
+    """T = 0 (no text tokens) is all-padding text: A1 = 0, as the documented rule says."""
+    embq = make_module(dtype=torch.float32).to(device)
+    embq.backend = backend
+    hq, ht, mask, feats = make_inputs(2, 3, 4, 5, SMALL["llm_dim"], SMALL["vision_dim"],
+                                      dtype=torch.float32)
+    hq, ht, mask, feats = hq.to(device), ht.to(device), mask.to(device), feats.to(device)
+    with torch.no_grad():
+        empty = embq(hq, ht[:, :0], mask[:, :0], feats)
+        assert torch.equal(empty, embq(hq, ht[:, :0], None, feats))
+        # the same as a question whose every token is padding
+        padded = embq(hq, ht, torch.zeros_like(mask), feats)
+    assert empty.shape == hq.shape and torch.isfinite(empty).all()
+    torch.testing.assert_close(empty, padded)
+
+
+def test_dtype_mismatch_between_module_and_input_names_both():
+    embq = make_module(dtype=torch.float32)
+    hq, ht, mask, feats = make_inputs(1, 2, 3, 4, SMALL["llm_dim"], SMALL["vision_dim"],
+                                      dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"query_states: dtype torch.bfloat16 does not match the "
+                                        r"module's parameters' dtype torch.float32"):
+        embq(hq, ht, mask, feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast handles the mix
+        assert embq(hq, ht, mask, feats).dtype == torch.bfloat16
+
+
 def test_torch_compile_fullgraph():
     embq = make_module(dtype=torch.float32)
     hq, ht, mask, feats = make_inputs(2, 9, 7, 10, SMALL["llm_dim"], SMALL["vision_dim"],
@@ -264,9 +292,11 @@ def test_bad_input_raises_clear_error(name):
     (dict(num_heads=0), "num_heads: expected an int >= 1"),
     (dict(num_layers=0), "num_layers: expected an int >= 1"),
     (dict(down_dim=2056, num_heads=8), "exceed the attention's limit of 256"),
+    (dict(backend="gpu"), "backend: expected one of"),
+    (dict(llm_dim=0), "llm_dim: expected an int >= 1"),
 ])
 def test_bad_constructor_arguments(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
         EmbeddedQuery(**{**SMALL, **kwargs})
 
 

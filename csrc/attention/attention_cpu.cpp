@@ -1,6 +1,6 @@
 // C++ CPU kernels of flashsloth::query_patch_attention (few queries against many keys).
 //
-// Registered as torch.ops.flashsloth_C.query_patch_attention_fwd / _bwd; the Python host
+// The CPU kernels of torch.ops.flashsloth.query_patch_attention_fwd / _bwd; the Python host
 // functions (flashsloth_kernels/attention/fused_cpu.py) call them. Inputs are validated by
 // the public function; the TORCH_CHECKs here repeat the checks that keep memory safe.
 //
@@ -338,18 +338,20 @@ std::string attention_isa() { return kernels().isa; }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flashsloth_C, m) {
-  m.def(
-      "query_patch_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "float scale) -> (Tensor, Tensor)");
-  m.def(
-      "query_patch_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor? key_padding_mask, float scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+// The schemas of flashsloth::query_patch_attention_fwd / _bwd are defined once for every device
+// by flashsloth_kernels/attention/op.py (fused.define_kernels); this file registers their CPU
+// kernels (csrc/attention/attention_cuda.cpp the CUDA forward). The ISA query is CPU-only.
+TORCH_LIBRARY_FRAGMENT(flashsloth, m) {
   m.def("query_patch_attention_isa() -> str", &attention_isa);
 }
 
-TORCH_LIBRARY_IMPL(flashsloth_C, CPU, m) {
-  m.impl("query_patch_attention_fwd", &attention_fwd);
+TORCH_LIBRARY_IMPL(flashsloth, CPU, m) {
+  m.impl("query_patch_attention_fwd",
+         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const std::optional<at::Tensor>& key_padding_mask, double scale,
+            int64_t /*num_splits: CUDA only; the CPU kernel chooses its own split*/) {
+           return attention_fwd(q, k, v, key_padding_mask, scale);
+         });
   m.impl("query_patch_attention_bwd", &attention_bwd);
 }
 

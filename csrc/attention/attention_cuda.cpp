@@ -1,4 +1,5 @@
-// Torch binding of the query-to-patch attention CUDA forward: torch.ops.flashsloth_cuda.attn_fwd.
+// Torch binding of the query-to-patch attention CUDA forward: the CUDA kernel of
+// torch.ops.flashsloth.query_patch_attention_fwd.
 //
 // Returns (out, lse) as the contract of flashsloth_kernels/attention says: out (B, H, Lq, Dv) in
 // q's dtype, lse (B, H, Lq) float32, +inf on rows whose keys are all masked (out 0 there).
@@ -23,26 +24,29 @@
 namespace flashsloth_cuda {
 namespace {
 
-AttnDtype attn_dtype(const at::Tensor& q) {
+// Prefix of every error message: the op whose CUDA kernel this is.
+constexpr const char* kOp = "query_patch_attention_fwd (cuda): ";
+
+Dtype attn_dtype(const at::Tensor& q) {
   switch (q.scalar_type()) {
     case at::kFloat:
-      return AttnDtype::kFloat32;
+      return Dtype::kFloat32;
     case at::kHalf:
-      return AttnDtype::kFloat16;
+      return Dtype::kFloat16;
     case at::kBFloat16:
-      return AttnDtype::kBFloat16;
+      return Dtype::kBFloat16;
     default:
-      TORCH_CHECK(false, "attn_fwd (cuda): q: expected dtype float32, float16 or bfloat16, got ",
+      TORCH_CHECK(false, kOp, "q: expected dtype float32, float16 or bfloat16, got ",
                   q.scalar_type());
   }
 }
 
 void check_like_q(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), "attn_fwd (cuda): ", name, ": expected a tensor on ",
+  TORCH_CHECK(t.device() == q.device(), kOp, name, ": expected a tensor on ",
               q.device(), " (q's device), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attn_fwd (cuda): ", name, ": expected dtype ",
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, name, ": expected dtype ",
               q.scalar_type(), " (q's dtype), got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "attn_fwd (cuda): ", name, ": expected a 4-D tensor (B, H, L, D), got ",
+  TORCH_CHECK(t.dim() == 4, kOp, name, ": expected a 4-D tensor (B, H, L, D), got ",
               t.sizes());
 }
 
@@ -50,39 +54,39 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(const at::Tensor& q, const at::
                                                  const at::Tensor& v,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  double scale, int64_t num_splits) {
-  TORCH_CHECK(q.is_cuda(), "attn_fwd (cuda): q: expected a CUDA tensor, got device ", q.device());
-  TORCH_CHECK(q.dim() == 4, "attn_fwd (cuda): q: expected shape (B, H, Lq, Dk), got ", q.sizes());
-  const AttnDtype dtype = attn_dtype(q);
+  TORCH_CHECK(q.is_cuda(), kOp, "q: expected a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.dim() == 4, kOp, "q: expected shape (B, H, Lq, Dk), got ", q.sizes());
+  const Dtype dtype = attn_dtype(q);
   check_like_q("k", k, q);
   check_like_q("v", v, q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dk = q.size(3);
   const int64_t Lk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dk,
-              "attn_fwd (cuda): k: expected shape (", B, ", ", H, ", Lk, ", Dk, "), got ", k.sizes());
+              kOp, "k: expected shape (", B, ", ", H, ", Lk, ", Dk, "), got ", k.sizes());
   TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == Lk,
-              "attn_fwd (cuda): v: expected shape (", B, ", ", H, ", ", Lk, ", Dv), got ", v.sizes());
-  TORCH_CHECK(Dk >= 1 && Dk <= kAttnMaxHeadDim, "attn_fwd (cuda): q: head dim Dk must be in [1, ",
+              kOp, "v: expected shape (", B, ", ", H, ", ", Lk, ", Dv), got ", v.sizes());
+  TORCH_CHECK(Dk >= 1 && Dk <= kAttnMaxHeadDim, kOp, "q: head dim Dk must be in [1, ",
               kAttnMaxHeadDim, "], got ", Dk);
-  TORCH_CHECK(Dv >= 1 && Dv <= kAttnMaxHeadDim, "attn_fwd (cuda): v: head dim Dv must be in [1, ",
+  TORCH_CHECK(Dv >= 1 && Dv <= kAttnMaxHeadDim, kOp, "v: head dim Dv must be in [1, ",
               kAttnMaxHeadDim, "], got ", Dv);
   TORCH_CHECK(Lq >= 1 && Lq <= int64_t{65535} * kAttnMaxBlockM,
-              "attn_fwd (cuda): q: Lq must be in [1, ", int64_t{65535} * kAttnMaxBlockM, "], got ", Lq);
-  TORCH_CHECK(Lk >= 1 && Lk <= INT32_MAX, "attn_fwd (cuda): k: Lk must be in [1, 2^31), got ", Lk);
-  TORCH_CHECK(B * H * Lq <= INT32_MAX, "attn_fwd (cuda): q: B * H * Lq = ", B * H * Lq,
+              kOp, "q: Lq must be in [1, ", int64_t{65535} * kAttnMaxBlockM, "], got ", Lq);
+  TORCH_CHECK(Lk >= 1 && Lk <= INT32_MAX, kOp, "k: Lk must be in [1, 2^31), got ", Lk);
+  TORCH_CHECK(B * H * Lq <= INT32_MAX, kOp, "q: B * H * Lq = ", B * H * Lq,
               " exceeds the grid limit 2^31 - 1");
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.device() == q.device(), "attn_fwd (cuda): key_padding_mask: expected a tensor on ",
+    TORCH_CHECK(m.device() == q.device(), kOp, "key_padding_mask: expected a tensor on ",
                 q.device(), " (q's device), got ", m.device());
     TORCH_CHECK(m.scalar_type() == at::kBool,
-                "attn_fwd (cuda): key_padding_mask: expected dtype bool, got ", m.scalar_type());
+                kOp, "key_padding_mask: expected dtype bool, got ", m.scalar_type());
     TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == Lk,
-                "attn_fwd (cuda): key_padding_mask: expected shape (", B, ", ", Lk, "), got ",
+                kOp, "key_padding_mask: expected shape (", B, ", ", Lk, "), got ",
                 m.sizes());
   }
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0,
-              "attn_fwd (cuda): scale: expected a finite float > 0, got ", scale);
-  TORCH_CHECK(num_splits >= 0 && num_splits <= kAttnMaxSplits, "attn_fwd (cuda): num_splits: ",
+              kOp, "scale: expected a finite float > 0, got ", scale);
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kAttnMaxSplits, kOp, "num_splits: ",
               "expected 0 (choose) or 1..", kAttnMaxSplits, ", got ", num_splits);
 
   const c10::cuda::CUDAGuard device_guard(q.device());
@@ -96,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(const at::Tensor& q, const at::
   const AttnFwdPlan plan =
       attn_fwd_make_plan(B * H, static_cast<int>(Lq), static_cast<int>(Lk), static_cast<int>(Dk),
                          static_cast<int>(Dv), static_cast<int>(num_splits), sm_count, max_smem);
-  TORCH_CHECK(plan.smem_bytes > 0, "attn_fwd (cuda): q, v: head dims Dk = ", Dk, ", Dv = ", Dv,
+  TORCH_CHECK(plan.smem_bytes > 0, kOp, "q, v: head dims Dk = ", Dk, ", Dv = ", Dv,
               " need more shared memory than this device allows per block (", max_smem,
               " bytes); use the triton or reference backend");
 
@@ -151,12 +155,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(const at::Tensor& q, const at::
 }  // namespace
 }  // namespace flashsloth_cuda
 
-TORCH_LIBRARY_FRAGMENT(flashsloth_cuda, m) {
-  m.def(
-      "attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, "
-      "int num_splits) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(flashsloth_cuda, CUDA, m) {
-  m.impl("attn_fwd", &flashsloth_cuda::attn_fwd_cuda);
+// The schema is defined once for every device by flashsloth_kernels/attention/op.py
+// (fused.define_kernels); csrc/attention/attention_cpu.cpp registers the CPU kernel.
+TORCH_LIBRARY_IMPL(flashsloth, CUDA, m) {
+  m.impl("query_patch_attention_fwd", &flashsloth_cuda::attn_fwd_cuda);
 }

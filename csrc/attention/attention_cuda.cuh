@@ -13,9 +13,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/dtype.h"
+
 namespace flashsloth_cuda {
 
-enum class AttnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kAttnThreads = 128;     // threads of every attention block (4 warps)
 constexpr int kAttnMaxBlockM = 16;    // query rows one block keeps in shared memory
@@ -136,9 +137,9 @@ cudaError_t attn_device_facts(int device, int* sm_count, int* max_smem_bytes);
 // One launch each on `stream`; the caller checks it with C10_CUDA_KERNEL_LAUNCH_CHECK.
 // Return cudaErrorInvalidValue for arguments or plans the kernels cannot take (the binding
 // checks them first, so that is a bug), or the error of opting in to large shared memory.
-cudaError_t attn_fwd_launch(AttnDtype dtype, const AttnFwdArgs& args, const AttnFwdPlan& plan,
+cudaError_t attn_fwd_launch(Dtype dtype, const AttnFwdArgs& args, const AttnFwdPlan& plan,
                             cudaStream_t stream);
-cudaError_t attn_fwd_combine_launch(AttnDtype dtype, const AttnCombineArgs& args,
+cudaError_t attn_fwd_combine_launch(Dtype dtype, const AttnCombineArgs& args,
                                     cudaStream_t stream);
 
 }  // namespace flashsloth_cuda

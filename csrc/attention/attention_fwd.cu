@@ -1,6 +1,7 @@
 // Launchers of the query-to-patch attention forward (kernels in attention_kernels.cuh). CUDA
 // headers only: see attention_cuda.cuh for why, and attention_cuda.cpp for the torch side.
 #include <cstdint>
+#include <type_traits>
 #include <mutex>
 
 #include <cuda_bf16.h>
@@ -103,36 +104,26 @@ cudaError_t attn_device_facts(int device, int* sm_count, int* max_smem_bytes) {
   return cudaSuccess;
 }
 
-cudaError_t attn_fwd_launch(AttnDtype dtype, const AttnFwdArgs& a, const AttnFwdPlan& p,
+cudaError_t attn_fwd_launch(Dtype dtype, const AttnFwdArgs& a, const AttnFwdPlan& p,
                             cudaStream_t stream) {
   if (!plan_fits(a, p)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case AttnDtype::kFloat32:
-      return launch_fwd_any_rows<float>(a, p, stream);
-    case AttnDtype::kFloat16:
-      return launch_fwd_any_rows<__half>(a, p, stream);
-    case AttnDtype::kBFloat16:
-      return launch_fwd_any_rows<__nv_bfloat16>(a, p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return common::dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return launch_fwd_any_rows<T>(a, p, stream);
+  });
 }
 
-cudaError_t attn_fwd_combine_launch(AttnDtype dtype, const AttnCombineArgs& a,
+cudaError_t attn_fwd_combine_launch(Dtype dtype, const AttnCombineArgs& a,
                                     cudaStream_t stream) {
   if (a.BH < 1 || a.Lq < 1 || a.Dv < 1 || a.num_splits < 1 || a.num_splits > kAttnMaxSplits ||
       a.BH * a.Lq > INT32_MAX || a.part_o == nullptr || a.part_lse == nullptr ||
       a.out == nullptr || a.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case AttnDtype::kFloat32:
-      return launch_combine<float>(a, stream);
-    case AttnDtype::kFloat16:
-      return launch_combine<__half>(a, stream);
-    case AttnDtype::kBFloat16:
-      return launch_combine<__nv_bfloat16>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return common::dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return launch_combine<T>(a, stream);
+  });
 }
 
 }  // namespace flashsloth_cuda

@@ -27,27 +27,20 @@
 #include <cuda_fp16.h>
 
 #include "attention_cuda.cuh"
+#include "common/cuda_utils.cuh"
 
 namespace flashsloth_cuda {
 namespace attn_detail {
 
+using common::block_max;
+using common::block_sum;
+using common::from_float;
+using common::to_float;
+using common::warp_max;
+using common::warp_sum;
+
 constexpr int kWarps = kAttnThreads / 32;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // n / d for 0 <= n < 2^31 and 1 <= d < 2^31 by a multiply-high (the head dims are runtime
 // values; a hardware division per element would cost more than the load it indexes).
@@ -71,48 +64,6 @@ struct IntDivider {
     return (t + n) >> shift;
   }
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// Block-wide reductions over kAttnThreads threads; `scratch` (kWarps floats) serves one call
-// only. The leading barrier also publishes shared-memory writes made before the call.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? scratch[lane] : -INFINITY;
-    v = warp_max(v);
-    if (lane == 0) scratch[0] = v;
-  }
-  __syncthreads();
-  return scratch[0];
-}
-
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? scratch[lane] : 0.f;
-    v = warp_sum(v);
-    if (lane == 0) scratch[0] = v;
-  }
-  __syncthreads();
-  return scratch[0];
-}
 
 struct alignas(16) Quad {
   float x, y, z, w;

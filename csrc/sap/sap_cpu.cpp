@@ -1,5 +1,5 @@
-// Fused CPU kernels of spatial attention pooling (SAP): torch.ops.flashsloth_C.sap_fwd_cpu and
-// sap_bwd_cpu. The math is flashsloth_kernels/sap/reference.py's; shapes:
+// Fused CPU kernels of spatial attention pooling (SAP): the CPU kernels of
+// torch.ops.flashsloth.spatial_attention_pool_fwd and _bwd (schemas: csrc/README.md). The math is flashsloth_kernels/sap/reference.py's; shapes:
 //   x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,), b2: (1,) or None,
 //   dropout_mask: (B, N, Ch) bool or None, grad_out / out: (B, G, C).
 //
@@ -496,17 +496,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sap_bwd_cpu(
 }  // namespace sap
 }  // namespace flashsloth
 
-TORCH_LIBRARY_FRAGMENT(flashsloth_C, m) {
-  m.def(
-      "sap_fwd_cpu(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int kh, int kw, "
-      "int H, int W, Tensor? dropout_mask, float dropout_scale, bool lowp_gemm) -> Tensor");
-  m.def(
-      "sap_bwd_cpu(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "int kh, int kw, int H, int W, Tensor? dropout_mask, float dropout_scale, bool need_x, "
-      "bool need_w, bool lowp_gemm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(flashsloth_C, CPU, m) {
-  m.impl("sap_fwd_cpu", &flashsloth::sap::sap_fwd_cpu);
-  m.impl("sap_bwd_cpu", &flashsloth::sap::sap_bwd_cpu);
+// The schemas of flashsloth::spatial_attention_pool_fwd / _bwd are defined once for every device
+// by flashsloth_kernels/sap/op.py (fused.define_kernels); this file registers their CPU kernels
+// (csrc/sap/sap_cuda.cpp the CUDA forward).
+TORCH_LIBRARY_IMPL(flashsloth, CPU, m) {
+  m.impl("spatial_attention_pool_fwd",
+         [](const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+            const at::Tensor& w2, const std::optional<at::Tensor>& b2, int64_t kh, int64_t kw,
+            int64_t H, int64_t W, const std::optional<at::Tensor>& dropout_mask,
+            double dropout_scale, bool lowp_gemm, int64_t /*images_per_chunk: CUDA only*/) {
+           return flashsloth::sap::sap_fwd_cpu(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask,
+                                               dropout_scale, lowp_gemm);
+         });
+  m.impl("spatial_attention_pool_bwd", &flashsloth::sap::sap_bwd_cpu);
 }

@@ -1,4 +1,5 @@
-// Torch binding of the SAP CUDA forward: torch.ops.flashsloth_cuda.sap_fwd.
+// Torch binding of the SAP CUDA forward: the CUDA kernel of
+// torch.ops.flashsloth.spatial_attention_pool_fwd.
 //
 // The scorer GEMM z = x @ w1^T runs in cuBLAS (at::mm, the floor the benchmark compares with);
 // one fused kernel then does everything else (bias, ReLU, dropout mask, the dot with w2, the
@@ -25,28 +26,31 @@
 namespace flashsloth_cuda {
 namespace {
 
+// Prefix of every error message: the op whose CUDA kernel this is.
+constexpr const char* kOp = "spatial_attention_pool_fwd (cuda): ";
+
 // z of all images at once up to this size; larger batches are cut into chunks of images.
 constexpr int64_t kMaxScoreBufferBytes = int64_t{256} << 20;
 constexpr int64_t kDefaultSmemBytes = 48 * 1024;
 
-SapDtype sap_dtype(const at::Tensor& x) {
+Dtype sap_dtype(const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kFloat:
-      return SapDtype::kFloat32;
+      return Dtype::kFloat32;
     case at::kHalf:
-      return SapDtype::kFloat16;
+      return Dtype::kFloat16;
     case at::kBFloat16:
-      return SapDtype::kBFloat16;
+      return Dtype::kBFloat16;
     default:
-      TORCH_CHECK(false, "sap_fwd (cuda): x: expected dtype float32, float16 or bfloat16, got ",
+      TORCH_CHECK(false, kOp, "x: expected dtype float32, float16 or bfloat16, got ",
                   x.scalar_type());
   }
 }
 
 void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "sap_fwd (cuda): ", name, ": expected a tensor on ",
+  TORCH_CHECK(t.device() == x.device(), kOp, name, ": expected a tensor on ",
               x.device(), " (x's device), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sap_fwd (cuda): ", name,
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), kOp, name,
               ": expected dtype ", x.scalar_type(), " (x's dtype), got ", t.scalar_type());
 }
 
@@ -55,51 +59,51 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
                         const std::optional<at::Tensor>& b2, int64_t kh, int64_t kw, int64_t H,
                         int64_t W, const std::optional<at::Tensor>& dropout_mask,
                         double dropout_scale, int64_t images_per_chunk) {
-  TORCH_CHECK(x.is_cuda(), "sap_fwd (cuda): x: expected a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 3, "sap_fwd (cuda): x: expected shape (B, N, C), got ", x.sizes());
-  const SapDtype dtype = sap_dtype(x);
+  TORCH_CHECK(x.is_cuda(), kOp, "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 3, kOp, "x: expected shape (B, N, C), got ", x.sizes());
+  const Dtype dtype = sap_dtype(x);
   TORCH_CHECK(H >= 1 && W >= 1 && H <= INT32_MAX && W <= INT32_MAX,
-              "sap_fwd (cuda): H, W: expected ints >= 1, got H = ", H, ", W = ", W);
+              kOp, "H, W: expected ints >= 1, got H = ", H, ", W = ", W);
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK(N == H * W, "sap_fwd (cuda): x: expected shape (B, H * W, C) = (*, ", H * W,
+  TORCH_CHECK(N == H * W, kOp, "x: expected shape (B, H * W, C) = (*, ", H * W,
               ", *), got ", x.sizes());
-  TORCH_CHECK(C >= 1 && C <= INT32_MAX, "sap_fwd (cuda): x: channels C must be in [1, 2^31), got ",
+  TORCH_CHECK(C >= 1 && C <= INT32_MAX, kOp, "x: channels C must be in [1, 2^31), got ",
               C);
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= H && kw <= W, "sap_fwd (cuda): kh, kw: expected a window",
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= H && kw <= W, kOp, "kh, kw: expected a window",
               " inside the (", H, ", ", W, ") grid, got (", kh, ", ", kw, ")");
 
   check_like_x("w1", w1, x);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, "sap_fwd (cuda): w1: expected shape (Ch, ", C,
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOp, "w1: expected shape (Ch, ", C,
               "), got ", w1.sizes());
   const int64_t Ch = w1.size(0);
-  TORCH_CHECK(Ch >= 1 && Ch <= INT32_MAX, "sap_fwd (cuda): w1: Ch must be in [1, 2^31), got ", Ch);
+  TORCH_CHECK(Ch >= 1 && Ch <= INT32_MAX, kOp, "w1: Ch must be in [1, 2^31), got ", Ch);
   check_like_x("w2", w2, x);
-  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == Ch, "sap_fwd (cuda): w2: expected shape (", Ch,
+  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == Ch, kOp, "w2: expected shape (", Ch,
               ",), got ", w2.sizes());
   if (b1.has_value()) {
     check_like_x("b1", *b1, x);
-    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == Ch, "sap_fwd (cuda): b1: expected shape (", Ch,
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == Ch, kOp, "b1: expected shape (", Ch,
                 ",), got ", b1->sizes());
   }
   if (b2.has_value()) {
     check_like_x("b2", *b2, x);
-    TORCH_CHECK(b2->numel() == 1, "sap_fwd (cuda): b2: expected one element, got shape ",
+    TORCH_CHECK(b2->numel() == 1, kOp, "b2: expected one element, got shape ",
                 b2->sizes());
   }
   if (dropout_mask.has_value()) {
-    TORCH_CHECK(dropout_mask->device() == x.device(), "sap_fwd (cuda): dropout_mask: expected a ",
+    TORCH_CHECK(dropout_mask->device() == x.device(), kOp, "dropout_mask: expected a ",
                 "tensor on ", x.device(), " (x's device), got ", dropout_mask->device());
     TORCH_CHECK(dropout_mask->scalar_type() == at::kBool,
-                "sap_fwd (cuda): dropout_mask: expected dtype bool, got ",
+                kOp, "dropout_mask: expected dtype bool, got ",
                 dropout_mask->scalar_type());
     TORCH_CHECK(dropout_mask->dim() == 3 && dropout_mask->size(0) == B &&
                     dropout_mask->size(1) == N && dropout_mask->size(2) == Ch,
-                "sap_fwd (cuda): dropout_mask: expected shape (", B, ", ", N, ", ", Ch, "), got ",
+                kOp, "dropout_mask: expected shape (", B, ", ", N, ", ", Ch, "), got ",
                 dropout_mask->sizes());
     TORCH_CHECK(std::isfinite(dropout_scale) && dropout_scale > 0.0,
-                "sap_fwd (cuda): dropout_scale: expected a finite float > 0, got ", dropout_scale);
+                kOp, "dropout_scale: expected a finite float > 0, got ", dropout_scale);
   }
-  TORCH_CHECK(images_per_chunk >= 0, "sap_fwd (cuda): images_per_chunk: expected >= 0 (0 = auto),",
+  TORCH_CHECK(images_per_chunk >= 0, kOp, "images_per_chunk: expected >= 0 (0 = auto),",
               " got ", images_per_chunk);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -112,7 +116,7 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           x.device().index()));
-    TORCH_CHECK(smem + 256 <= optin, "sap_fwd (cuda): kh, kw: a window of ", kh, " x ", kw,
+    TORCH_CHECK(smem + 256 <= optin, kOp, "kh, kw: a window of ", kh, " x ", kw,
                 " patches needs ", smem, " bytes of shared memory for its scores; this device ",
                 "allows ", optin, " (use the triton or reference backend)");
   }
@@ -131,7 +135,7 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
     chunk = std::max<int64_t>(1, kMaxScoreBufferBytes / std::max<int64_t>(1, z_image_bytes));
   }
   chunk = std::min(chunk, B);
-  TORCH_CHECK(chunk * Gh * Gw <= INT32_MAX, "sap_fwd (cuda): images_per_chunk: ", chunk,
+  TORCH_CHECK(chunk * Gh * Gw <= INT32_MAX, kOp, "images_per_chunk: ", chunk,
               " images of ", Gh * Gw, " windows exceed the grid limit; pass a smaller chunk");
   at::Tensor z = at::empty({chunk * N, Ch}, x.options());
 
@@ -169,12 +173,15 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
 }  // namespace
 }  // namespace flashsloth_cuda
 
-TORCH_LIBRARY_FRAGMENT(flashsloth_cuda, m) {
-  m.def(
-      "sap_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int kh, int kw, int H, "
-      "int W, Tensor? dropout_mask, float dropout_scale, int images_per_chunk) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(flashsloth_cuda, CUDA, m) {
-  m.impl("sap_fwd", &flashsloth_cuda::sap_fwd_cuda);
+// The schema is defined once for every device by flashsloth_kernels/sap/op.py
+// (fused.define_kernels); csrc/sap/sap_cpu.cpp registers the CPU kernel.
+TORCH_LIBRARY_IMPL(flashsloth, CUDA, m) {
+  m.impl("spatial_attention_pool_fwd",
+         [](const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+            const at::Tensor& w2, const std::optional<at::Tensor>& b2, int64_t kh, int64_t kw,
+            int64_t H, int64_t W, const std::optional<at::Tensor>& dropout_mask,
+            double dropout_scale, bool /*lowp_gemm: CPU only*/, int64_t images_per_chunk) {
+           return flashsloth_cuda::sap_fwd_cuda(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask,
+                                                dropout_scale, images_per_chunk);
+         });
 }

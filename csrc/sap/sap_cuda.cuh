@@ -11,10 +11,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/dtype.h"
+
 namespace flashsloth_cuda {
 
-// Element type of every floating-point tensor of one call (the op enforces one dtype).
-enum class SapDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Arguments of the fused epilogue: scores from the scorer GEMM's output, window softmax, and
 // the attention-weighted sum of the window's patch features. All pointers are to contiguous
@@ -35,11 +35,11 @@ struct SapEpilogueArgs {
 // Launches the fused epilogue kernel on `stream` (one launch; the caller checks it with
 // C10_CUDA_KERNEL_LAUNCH_CHECK). Returns cudaErrorInvalidValue for arguments the kernel cannot
 // take (the binding checks them first, so that is a bug), else cudaSuccess.
-cudaError_t sap_fwd_epilogue_launch(SapDtype dtype, const SapEpilogueArgs& args,
+cudaError_t sap_fwd_epilogue_launch(Dtype dtype, const SapEpilogueArgs& args,
                                     cudaStream_t stream);
 
 // Elements a 16-byte-aligned vector load would read for this call (1, 2, 4 or 8): the largest
 // width that divides C and Ch and keeps every row of x, z, w1-sized vectors and out aligned.
-int sap_fwd_vector_width(SapDtype dtype, const SapEpilogueArgs& args);
+int sap_fwd_vector_width(Dtype dtype, const SapEpilogueArgs& args);
 
 }  // namespace flashsloth_cuda

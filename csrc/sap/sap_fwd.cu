@@ -1,6 +1,7 @@
 // Launchers of the SAP forward epilogue (kernels in sap_kernels.cuh). CUDA headers only: see
 // sap_cuda.cuh for why, and sap_cuda.cpp for the torch side (GEMM, checks, stream, errors).
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,7 +21,7 @@ bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-int element_size(SapDtype dtype) { return dtype == SapDtype::kFloat32 ? 4 : 2; }
+int element_size(Dtype dtype) { return dtype == Dtype::kFloat32 ? 4 : 2; }
 
 template <typename T, int VEC>
 cudaError_t launch(const SapEpilogueArgs& a, cudaStream_t stream) {
@@ -65,7 +66,7 @@ cudaError_t launch_any_width(const SapEpilogueArgs& a, int vec, cudaStream_t str
 
 }  // namespace
 
-int sap_fwd_vector_width(SapDtype dtype, const SapEpilogueArgs& a) {
+int sap_fwd_vector_width(Dtype dtype, const SapEpilogueArgs& a) {
   const int elem = element_size(dtype);
   for (int vec = 16 / elem; vec > 1; vec /= 2) {
     const int bytes = vec * elem;
@@ -77,22 +78,17 @@ int sap_fwd_vector_width(SapDtype dtype, const SapEpilogueArgs& a) {
   return 1;
 }
 
-cudaError_t sap_fwd_epilogue_launch(SapDtype dtype, const SapEpilogueArgs& a,
+cudaError_t sap_fwd_epilogue_launch(Dtype dtype, const SapEpilogueArgs& a,
                                     cudaStream_t stream) {
   if (a.H < 1 || a.W < 1 || a.C < 1 || a.Ch < 1 || a.kh < 1 || a.kw < 1 || a.kh > a.H ||
       a.kw > a.W || a.z == nullptr || a.x == nullptr || a.w2 == nullptr || a.out == nullptr) {
     return cudaErrorInvalidValue;
   }
   const int vec = sap_fwd_vector_width(dtype, a);
-  switch (dtype) {
-    case SapDtype::kFloat32:
-      return launch_any_width<float>(a, vec, stream);
-    case SapDtype::kFloat16:
-      return launch_any_width<__half>(a, vec, stream);
-    case SapDtype::kBFloat16:
-      return launch_any_width<__nv_bfloat16>(a, vec, stream);
-  }
-  return cudaErrorInvalidValue;
+  return common::dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return launch_any_width<T>(a, vec, stream);
+  });
 }
 
 }  // namespace flashsloth_cuda

@@ -15,28 +15,21 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_utils.cuh"
 #include "sap_cuda.cuh"
 
 namespace flashsloth_cuda {
 namespace sap_detail {
 
+using common::block_max;
+using common::block_sum;
+using common::from_float;
+using common::to_float;
+using common::warp_max;
+using common::warp_sum;
+
 constexpr int kMaxThreads = 256;
 constexpr int kMaxWarps = kMaxThreads / 32;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // VEC consecutive elements read or written as one aligned access (16 bytes at most).
 template <typename T, int VEC>
@@ -57,49 +50,6 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, const float (&in)[
 #pragma unroll
   for (int k = 0; k < VEC; ++k) pk.v[k] = from_float<T>(in[k]);
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// Block-wide reductions; `scratch` holds kMaxWarps floats and is used by one call only (a
-// second call on the same scratch could overwrite it before every thread has read the result).
-// The leading __syncthreads also publishes the shared-memory writes made before the call.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? scratch[lane] : -INFINITY;
-    v = warp_max(v);
-    if (lane == 0) scratch[0] = v;
-  }
-  __syncthreads();
-  return scratch[0];
-}
-
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? scratch[lane] : 0.f;
-    v = warp_sum(v);
-    if (lane == 0) scratch[0] = v;
-  }
-  __syncthreads();
-  return scratch[0];
 }
 
 // relu that keeps a NaN (fmaxf(NaN, 0) would return 0 and hide it, unlike torch.relu).

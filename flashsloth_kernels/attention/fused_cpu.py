@@ -1,7 +1,7 @@
 """Host functions of the C++ CPU backend of the query-to-patch attention.
 
 The kernels live in csrc/attention/attention_cpu.cpp (+ attention_cpu_kernels.h) and register
-as ``torch.ops.flashsloth_C.query_patch_attention_fwd`` / ``_bwd`` when
+as the CPU kernels of ``torch.ops.flashsloth.query_patch_attention_fwd`` / ``_bwd`` when
 ``flashsloth_kernels.attention._C`` is imported.
 
 Design (EmbQ: 9 queries x 32 heads against 729 keys, head dims 18 / 36): one parallel task per

@@ -9,8 +9,8 @@ Any head dims 1..256, Dk != Dv, key padding mask; rows with no attended key give
 and lse = +inf.
 
 Backward: the Triton backend's (``fused_triton.attn_bwd``: one program per key block, dk
-and dv in registers, deterministic dq reduction). Without Triton the reference backward
-runs instead (same math, unfused).
+and dv in registers, deterministic dq reduction). Without Triton the backend's reasons say so
+for calls that need gradients (never a silent unfused fallback).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from .. import _cuda_ext
 from .._ext import triton_error
-from . import reference
 
 Tensor = torch.Tensor
 
@@ -36,20 +35,20 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     them); the C++ side repeats the key checks. num_splits (tests and tuning): 0 chooses;
     n > 0 cuts the keys into ranges of ceil(Lk / n) keys, at most 128.
     """
-    return _cuda_ext.ops().attn_fwd(q, k, v, key_padding_mask, float(scale), int(num_splits))
+    return _cuda_ext.ops().query_patch_attention_fwd(q, k, v, key_padding_mask, float(scale),
+                                                      int(num_splits))
 
 
 def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
              key_padding_mask: Optional[Tensor], scale: float, out: Tensor,
              lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward: the Triton backend's host function (reference's without Triton).
+    """Backward: the Triton backend's host function (raises RuntimeError without Triton).
 
     Returns (dq, dk, dv) in the inputs' dtypes, as reference.attn_reference_bwd does.
     """
-    if triton_error() is None:
-        from . import fused_triton
+    err = triton_error()
+    if err is not None:
+        raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, and {err}")
+    from . import fused_triton
 
-        bwd = fused_triton.attn_bwd
-    else:
-        bwd = reference.attn_reference_bwd
-    return bwd(grad_out, q, k, v, key_padding_mask, scale, out, lse)
+    return fused_triton.attn_bwd(grad_out, q, k, v, key_padding_mask, scale, out, lse)

@@ -26,20 +26,22 @@ interpreter's bf16 arithmetic is wrong).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _env, _triton_compat
+from .. import _triton_utils
+from .._triton_utils import device_guard as _device_guard
+from .._triton_utils import dot_precision as _dot_precision
+from .._triton_utils import pad_dim as _pad_dim
+from .._triton_utils import sm_count as _sm_count
 
 Tensor = torch.Tensor
 
 
-_triton_compat.fix_interpreter_scalar_index()
+_triton_utils.fix_interpreter_scalar_index()
 
 # Softmax runs in base 2 (exp2 / log2): logits are pre-scaled by log2(e), lse is converted back
 # with ln(2) (the kernels spell both constants out: Triton reads no Python globals).
@@ -47,7 +49,6 @@ _LOG2E = 1.4426950408889634
 
 # Launch heuristics (tune on the GPU; the benchmark measures them).
 # The SM count assumed when the tensors are not on a GPU (interpreter): an H100's.
-_DEFAULT_SM_COUNT = 132
 # Split the keys only while fewer than this many (batch*head, query block) programs per SM
 # exist; above it the GPU is already full and a split would only add the combine pass.
 _SPLIT_BELOW_PROGRAMS_PER_SM = 2
@@ -57,35 +58,6 @@ _TARGET_PROGRAMS_PER_SM = 4
 # fraction of the SM's 228 KB so that several programs fit on one SM.
 _FWD_SMEM_BUDGET = 64 * 1024
 _MAX_SPLITS = 128
-
-
-def _pad_dim(d: int) -> int:
-    """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16 for 16-bit inputs)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
-    return _DEFAULT_SM_COUNT
-
-
-def _device_guard(t: Tensor):
-    """Triton launches on the current CUDA device: switch to t's device only when it differs."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products (tf32 would miss the reference by ~3e-4). 16-bit
-    # inputs ignore the setting; "tf32" is Triton's default, the form every backend accepts.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _fwd_config(lq: int, dk_pad: int, dv_pad: int, elem: int) -> Tuple[int, int, int, int]:
@@ -271,7 +243,8 @@ def _attn_fwd_combine_kernel(
     o_ptrs = (Out + b * stride_ob + h * stride_oh
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    lse = tl.where(has_keys, (big_ref + tl.log2(tl.where(has_keys, total, 1.0))) * 0.6931471805599453,
+    lse = tl.where(has_keys,
+                   (big_ref + tl.log2(tl.where(has_keys, total, 1.0))) * 0.6931471805599453,
                    float("inf"))
     tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
 
@@ -393,7 +366,8 @@ def _row_strides(t: Tensor) -> Tuple[int, int, int, int, int]:
     row strides, so every row starts on an align-element boundary (dims of size 1 never
     move, so their strides do not count).
     """
-    strides = [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3])]
+    strides = [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3],
+                                                          strict=True)]
     align = 16 // t.element_size()
     while align > 1 and any(s % align for s in strides):
         align //= 2
@@ -513,7 +487,7 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         dq_strides = (dq.stride(0), dq.stride(1), 0, dq.stride(2))
     else:
         dq_buf = torch.empty((B, H, n_kblocks, Lq, Dk), dtype=torch.float32, device=q.device)
-        dq_strides = dq_buf.stride()[:4]
+        dq_strides = tuple(dq_buf.stride()[:4])  # type: ignore[assignment]
     mask_t, smb, smn, has_mask = _mask_args(key_padding_mask, q)
     k_align, *k_strides = _row_strides(k)
     v_align, *v_strides = _row_strides(v)

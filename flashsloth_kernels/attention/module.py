@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
 
 from .. import _checks
-from .op import MAX_HEAD_DIM, query_patch_attention
+from .op import MAX_HEAD_DIM, fused, query_patch_attention
 
 Tensor = torch.Tensor
 
@@ -58,6 +58,9 @@ class EmbeddedQuery(nn.Module):
     their weights load with no renaming; at llm_dim 2560, vision_dim 1152 the module has
     8,084,416 parameters.
 
+    A question with no text tokens (text_states of shape (B, 0, llm_dim)) is the extreme case
+    of all-padding text: the text step contributes zero (A1 = 0).
+
     Differences from the original, both outside what FlashSloth runs: a sample whose text is
     all padding gets A1 = 0 (the original's additive -1e4 mask gives a uniform average of the
     padding); with num_layers > 1 each layer down-projects the updated Hq (the original, built
@@ -96,6 +99,8 @@ class EmbeddedQuery(nn.Module):
             if dim // num_heads > MAX_HEAD_DIM:
                 raise ValueError(f"{name}: heads of {name} / num_heads = {dim // num_heads} dims "
                                  f"exceed the attention's limit of {MAX_HEAD_DIM}")
+        if backend is not None:
+            fused.requested(backend)  # a TypeError / ValueError naming backend
         self.llm_dim = llm_dim
         self.vision_dim = vision_dim
         self.down_dim = down_dim
@@ -111,9 +116,12 @@ class EmbeddedQuery(nn.Module):
                 mask: Optional[Tensor]) -> Tensor:
         """(B, Lq, down), (B, Lk, down), (B, Lk, value_dim) -> (B, Lq, value_dim)."""
         B, Lq, Lk, h = x_q.shape[0], x_q.shape[1], x_k.shape[1], self.num_heads
-        q = attn.q_proj(x_q).view(B, Lq, h, -1).transpose(1, 2)
-        k = attn.k_proj(x_k).view(B, Lk, h, -1).transpose(1, 2)
-        v = attn.v_proj(x_v).view(B, Lk, h, -1).transpose(1, 2)
+        dk = self.down_dim // h
+        dv = x_v.shape[2] // h
+        # explicit head sizes (not -1): Lk may be 0 (a question with no text tokens)
+        q = attn.q_proj(x_q).view(B, Lq, h, dk).transpose(1, 2)
+        k = attn.k_proj(x_k).view(B, Lk, h, dk).transpose(1, 2)
+        v = attn.v_proj(x_v).view(B, Lk, h, dv).transpose(1, 2)
         out = query_patch_attention(q, k, v, mask, self.scale, backend=self.backend)
         return out.transpose(1, 2).reshape(B, Lq, -1)
 
@@ -124,6 +132,14 @@ class EmbeddedQuery(nn.Module):
         _checks.tensor("image_features", image_features, ndim=3)
         _checks.same_dtype_device("query_states", query_states, text_states=text_states,
                                   image_features=image_features)
+        param_dtype = self.up_projector.weight.dtype
+        device_type = query_states.device.type
+        if query_states.dtype != param_dtype and not (
+                device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)):
+            raise TypeError(
+                f"query_states: dtype {query_states.dtype} does not match the module's parameters' "
+                f"dtype {param_dtype}; convert one to the other (module.to({query_states.dtype}) "
+                f"or the inputs .to({param_dtype})), or run under torch.autocast")
         B = query_states.shape[0]
         _checks.shape("query_states", query_states, (B, None, self.llm_dim),
                       f"(B, Q, llm_dim = {self.llm_dim})")
@@ -148,7 +164,8 @@ class EmbeddedQuery(nn.Module):
         text_down = down(text_states)
         image_down = self.down_projector_image(image_features)
         hq = query_states
-        for layer in self.layers:
+        for module in self.layers:
+            layer = cast(_EmbQLayer, module)
             q0 = layer.ln_q(down(hq))
             t = layer.ln_text(text_down)
             a1 = self._attend(layer.t2q_attn, q0, t, t, mask)

@@ -1,4 +1,4 @@
-"""The registered ops ``flashsloth::query_patch_attention`` (+ ``_backward``) and the public function.
+"""The registered ops ``flashsloth::query_patch_attention`` (+ ``_backward``), the public function.
 
 Naming chain: kernels (csrc/attention, fused_triton.py) -> host functions ``attn_fwd`` /
 ``attn_bwd`` (one pair per backend module; reference.py's are ``attn_reference_fwd`` / ``_bwd``)
@@ -11,67 +11,24 @@ probabilities from, and is not differentiable. The public function returns out o
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
-from .._dispatch import Dispatcher, cpu_reasons_for, reference_reasons, triton_reasons
+from .._op import FusedOp, compute_dtype
 from . import reference
 
 Tensor = torch.Tensor
 
 MAX_HEAD_DIM = 256
 
-# backend name -> module holding its host functions attn_fwd / attn_bwd, imported on first use
-# (a missing Triton or extension costs nothing until that backend is chosen).
-_HOST_MODULES = {
-    "cpu": "flashsloth_kernels.attention.fused_cpu",
-    "triton": "flashsloth_kernels.attention.fused_triton",
-    "cuda": "flashsloth_kernels.attention.fused_cuda",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
-
-
-def _cuda_reasons(device: torch.device, dtype: torch.dtype, **facts) -> List[str]:
-    # imported here: the CUDA loader is only needed once a CUDA problem asks
-    from .. import _cuda_ext
-
-    return _cuda_ext.cuda_reasons(device, dtype, **facts)
-
-
-dispatcher = Dispatcher("query_patch_attention")
-dispatcher.register("reference", reference_reasons)
-dispatcher.register("cpu", cpu_reasons_for("flashsloth_kernels.attention._C"))
-# Backends whose host module is in this installation; the others answer "not implemented".
-if _module_exists(_HOST_MODULES["triton"]):
-    dispatcher.register("triton", triton_reasons)
-if _module_exists(_HOST_MODULES["cuda"]):
-    dispatcher.register("cuda", _cuda_reasons)
-
-
-_HOSTS = {"reference": (reference.attn_reference_fwd, reference.attn_reference_bwd)}
-
-
-def _host(backend: str):
-    """(attn_fwd, attn_bwd) of a backend, its module imported on first use."""
-    fns = _HOSTS.get(backend)
-    if fns is None:
-        mod = importlib.import_module(_HOST_MODULES[backend])
-        fns = _HOSTS[backend] = (mod.attn_fwd, mod.attn_bwd)
-    return fns
+fused = FusedOp("query_patch_attention", folder="attention", prefix="attn",
+                reference_hosts=(reference.attn_reference_fwd, reference.attn_reference_bwd),
+                plain_reference=("flashsloth_kernels.attention.reference."
+                                 "query_patch_attention_reference"))
+dispatcher = fused.dispatcher
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,36 +47,30 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
         out = q.new_zeros(B, H, Lq, v.shape[3])
         lse = q.new_full((B, H, Lq), math.inf, dtype=_lse_dtype(q.dtype))
         return out, lse
-    out, lse = _host(backend)[0](q, k, v, key_padding_mask, scale)
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad  # as the public function
+    name = fused.resolve(backend, q.device, q.dtype, needs_grad=needs_grad)
+    out, lse = fused.host(name)[0](q, k, v, key_padding_mask, scale)
     # the fake kernel promises contiguous outputs (no-ops for the backends' own buffers)
     return out.contiguous(), lse.contiguous()
 
 
-@torch.library.custom_op("flashsloth::query_patch_attention", mutates_args=())
-def _attn_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
-             backend: str) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, key_padding_mask, scale, backend)
-
-
-@_attn_op.register_fake
-def _(q, k, v, key_padding_mask, scale, backend):
+def _forward_fake(q, k, v, key_padding_mask, scale, backend):
     B, H, Lq, _ = q.shape
     return (q.new_empty(B, H, Lq, v.shape[3]),
             q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype)))
 
 
-@torch.library.custom_op("flashsloth::query_patch_attention_backward", mutates_args=())
-def _attn_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  key_padding_mask: Optional[Tensor], scale: float, out: Tensor, lse: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if _degenerate(q, k, v):
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    dq, dk, dv = _host(backend)[1](grad_out, q, k, v, key_padding_mask, scale, out, lse)
+    name = fused.resolve(backend, q.device, q.dtype, needs_grad=True)
+    dq, dk, dv = fused.host(name)[1](grad_out, q, k, v, key_padding_mask, scale, out, lse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@_attn_bwd_op.register_fake
-def _(grad_out, q, k, v, key_padding_mask, scale, out, lse, backend):
+def _backward_fake(grad_out, q, k, v, key_padding_mask, scale, out, lse, backend):
     # contiguous, whatever the inputs' strides: what every backend returns
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -139,15 +90,12 @@ def _backward(ctx, grad_out, grad_lse):
         return None, None, None, None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attn_bwd_op(grad_out, q, k, v, key_padding_mask, ctx.scale, out, lse,
+    dq, dk, dv = fused.backward_op(grad_out, q, k, v, key_padding_mask, ctx.scale, out, lse,
                               ctx.backend)
     return (dq if ctx.needs_input_grad[0] else None,
             dk if ctx.needs_input_grad[1] else None,
             dv if ctx.needs_input_grad[2] else None,
             None, None, None)
-
-
-_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_flops(B: int, H: int, Lq: int, Lk: int, Dk: int, Dv: int) -> int:
@@ -161,16 +109,38 @@ def attention_backward_flops(B: int, H: int, Lq: int, Lk: int, Dk: int, Dv: int)
     return 2 * B * H * Lq * Lk * (3 * Dk + 2 * Dv)
 
 
-@register_flop_formula(torch.ops.flashsloth.query_patch_attention)
 def _attn_flop_formula(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     B, H, Lq, Dk = q_shape
     return attention_flops(B, H, Lq, k_shape[2], Dk, v_shape[3])
 
 
-@register_flop_formula(torch.ops.flashsloth.query_patch_attention_backward)
 def _attn_bwd_flop_formula(grad_out_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     B, H, Lq, Dk = q_shape
     return attention_backward_flops(B, H, Lq, k_shape[2], Dk, v_shape[3])
+
+
+fused.define(_forward, _forward_fake, _backward_impl, _backward_fake, _setup_context, _backward,
+             _attn_flop_formula, _attn_bwd_flop_formula)
+_attn_op = fused.op
+_attn_bwd_op = fused.backward_op
+
+
+def _kernel_fwd_fake(q, k, v, key_padding_mask, scale, num_splits=0):
+    return _forward_fake(q, k, v, key_padding_mask, scale, "")
+
+
+def _kernel_bwd_fake(grad_out, q, k, v, key_padding_mask, scale, out, lse):
+    return _backward_fake(grad_out, q, k, v, key_padding_mask, scale, out, lse, "")
+
+
+# The compiled kernels (cpu and cuda backends): one schema, a kernel per dispatch key.
+# num_splits: CUDA only (split the keys into this many ranges; 0 chooses).
+fused.define_kernels(
+    "query_patch_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
+    "float scale, int num_splits=0) -> (Tensor, Tensor)",
+    "query_patch_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+    "Tensor? key_padding_mask, float scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)",
+    _kernel_fwd_fake, _kernel_bwd_fake)
 
 
 def _check_scale(scale, Dk: int) -> float:
@@ -190,7 +160,6 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
     _checks.tensor("q", q, ndim=4)
     _checks.tensor("k", k, ndim=4)
     _checks.tensor("v", v, ndim=4)
-    _checks.same_dtype_device("q", q, k=k, v=v)
     B, H, Lq, Dk = q.shape
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dk:
         _checks.shape("k", k, (B, H, None, Dk),
@@ -219,21 +188,6 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
                           f"(B, Lk) with B from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
 
 
-def _unobserved_inference(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True for an eager call that needs no autograd and that no mode, transform or tensor
-    subclass observes: the registered op would add nothing but its dispatch cost (~35 us a
-    call on a 2-core CPU, as much as the whole B = 1 kernel's margin), so the public
-    function calls the host function itself. Anything else goes through the op."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active())
-
-
 def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
                           key_padding_mask: Optional[Tensor] = None,
                           scale: Optional[float] = None, *,
@@ -255,7 +209,9 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
             BackendUnavailableError saying why.
 
     Returns:
-        (B, H, Lq, Dv) in q's dtype. Differentiable in q, k and v.
+        (B, H, Lq, Dv) in q's dtype (inside torch.autocast: the autocast dtype, every input
+        cast to it). Differentiable in q, k and v in reverse mode; forward-mode AD and
+        torch.func.grad / jacrev raise (see flashsloth_kernels/_op.py).
 
     Example:
         >>> q = torch.randn(2, 32, 9, 18)
@@ -264,8 +220,12 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
         torch.Size([2, 32, 9, 36])
     """
     _check_inputs(q, k, v, key_padding_mask)
+    dtype = compute_dtype("q", q, k=k, v=v)
+    fused.check_transforms(q, k, v)
     scale = _check_scale(scale, q.shape[3])
-    name = dispatcher.select(backend, q.device, q.dtype)
-    if _unobserved_inference(q, k, v):
-        return _forward(q, k, v, key_padding_mask, scale, name)[0]
-    return _attn_op(q, k, v, key_padding_mask, scale, name)[0]
+    requested = fused.requested(backend)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    fused.resolve(requested, q.device, dtype, needs_grad)  # raises before any work
+    args = (q, k, v, key_padding_mask, scale, requested)
+    return fused.call(args, (q, k, v), q.device)[0]

@@ -1,7 +1,8 @@
 """Host functions of the fused C++ CPU backend of spatial attention pooling.
 
-The kernels live in csrc/sap/sap_cpu.cpp and register as ``torch.ops.flashsloth_C.sap_fwd_cpu``
-and ``sap_bwd_cpu`` when ``flashsloth_kernels.sap._C`` is imported. Design: the scorer's first
+The kernels live in csrc/sap/sap_cpu.cpp and register as the CPU kernels of
+``torch.ops.flashsloth.spatial_attention_pool_fwd`` / ``_bwd`` (schemas and fakes in op.py) when
+``flashsloth_kernels.sap._C`` is imported. Design: the scorer's first
 Linear runs as one MKL/oneDNN GEMM (x W1^T, b1 added in the epilogue); everything else (bias,
 ReLU, dropout mask, dot with w2, window softmax, weighted sum) is one fused parallel pass over
 the windows. The backward recomputes that GEMM instead of saving the (B, N, Ch) activations,
@@ -11,7 +12,8 @@ fuses the softmax and activation backward into one pass, and hands dW1 and dx to
 
 Numerics: elementwise work in float32 (float64 for float64 inputs). Determinism: every sum of
 ours runs in a fixed order, independent of the thread count (the GEMMs are MKL's / oneDNN's;
-all outputs were bitwise equal at 1 and 2 threads here). GEMM dtypes: float32 / float64 inputs use their own. For bfloat16 (float16)
+all outputs were bitwise equal at 1 and 2 threads here). GEMM dtypes: float32 / float64 inputs
+use their own. For bfloat16 (float16)
 inputs on a CPU where oneDNN has a fast 16-bit GEMM, the forward GEMM and the backward's dW1 / dx
 GEMMs run in that dtype (fp32 accumulation, 16-bit outputs) while the backward recomputes z in
 float32 (its window softmax backward cancels too much for a 16-bit z); elsewhere the operands are
@@ -20,31 +22,20 @@ upcast and every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
-from .. import _ext
+from .. import _compat, _ext
 
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
 
 
-@functools.lru_cache(maxsize=None)
 def _lowp_gemm(dtype: torch.dtype) -> bool:
     """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU."""
-    probe = {
-        torch.bfloat16: "_is_mkldnn_bf16_supported",
-        torch.float16: "_is_mkldnn_fp16_supported",
-    }.get(dtype)
-    if probe is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return False
+    return _compat.mkldnn_fast_gemm(dtype)
 
 
 def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -52,7 +43,7 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
             dropout_scale: float) -> Tensor:
     """Fused forward. x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,),
     b2: (1,) or None, dropout_mask: (B, N, Ch) bool or None -> (B, G, C) in x's dtype."""
-    return _ops.sap_fwd_cpu(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+    return _ops.spatial_attention_pool_fwd(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), _lowp_gemm(x.dtype))
 
@@ -66,28 +57,8 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     Returns (dx (B, N, C), dw1 (Ch, C), db1 (Ch,), dw2 (Ch,), db2 (1,)), each in its input's
     dtype; dx is an empty tensor unless need_x, the other four unless need_w.
     """
-    return _ops.sap_bwd_cpu(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+    return _ops.spatial_attention_pool_bwd(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2,
+                                           kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), bool(need_x), bool(need_w),
                             _lowp_gemm(x.dtype))
-
-
-def _num_windows(H: int, W: int, kh: int, kw: int) -> int:
-    return -(-H // kh) * -(-W // kw)
-
-
-# Fake kernels, so the C++ ops can be traced (FakeTensor / torch.compile / opcheck) on their own.
-@torch.library.register_fake("flashsloth_C::sap_fwd_cpu")
-def _(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, lowp_gemm):
-    return x.new_empty(x.shape[0], _num_windows(H, W, kh, kw), x.shape[2])
-
-
-@torch.library.register_fake("flashsloth_C::sap_bwd_cpu")
-def _(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, need_x, need_w,
-      lowp_gemm):
-    # contiguous gradients; unneeded ones are distinct empty tensors (outputs may not alias)
-    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
-    if not need_w:
-        return (dx,) + tuple(x.new_empty(0) for _ in range(4))
-    return (dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
-            w2.new_empty(1))

@@ -8,7 +8,7 @@ window's rows of x, accumulated in fp32. Two launches in all; the only intermedi
 Backward: the Triton backend's (``fused_triton.sap_bwd``: recompute GEMM, fused window
 softmax backward and dz kernels, cuBLAS for dW1 and dx), which already fuses everything a
 CUDA kernel would, so a separate CUDA backward would only duplicate it. Without Triton the
-reference backward runs instead (same math, unfused).
+backend's reasons say so for calls that need gradients (never a silent unfused fallback).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 
 from .. import _cuda_ext
 from .._ext import triton_error
-from . import reference
 
 Tensor = torch.Tensor
 
@@ -35,23 +34,24 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
     repeats the key checks. images_per_chunk (tuning): compute z for this many images at a
     time into one reused buffer; 0 bounds z to 256 MiB.
     """
-    return _cuda_ext.ops().sap_fwd(x, w1, b1, w2, b2, int(kh), int(kw), int(H), int(W),
-                                   dropout_mask, float(dropout_scale), int(images_per_chunk))
+    return _cuda_ext.ops().spatial_attention_pool_fwd(
+        x, w1, b1, w2, b2, int(kh), int(kw), int(H), int(W), dropout_mask, float(dropout_scale),
+        False, int(images_per_chunk))
 
 
 def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
             b2: Optional[Tensor], kh: int, kw: int, H: int, W: int,
             dropout_mask: Optional[Tensor], dropout_scale: float, need_x: bool = True,
             need_w: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward: the Triton backend's host function (reference's without Triton).
+    """Backward: the Triton backend's host function (raises RuntimeError without Triton).
 
     Returns (dx, dw1, db1, dw2, db2) as reference.sap_reference_bwd does.
     """
-    if triton_error() is None:
-        from . import fused_triton
+    err = triton_error()
+    if err is not None:
+        raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, and {err}")
+    from . import fused_triton
 
-        bwd = fused_triton.sap_bwd
-    else:
-        bwd = reference.sap_reference_bwd
-    return bwd(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+    return fused_triton.sap_bwd(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask,
+                                dropout_scale,
                need_x, need_w)

@@ -51,22 +51,24 @@ interpreter accepts no multi-config autotuning without a GPU driver).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, overload
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _env, _triton_compat
+from .. import _env, _triton_utils
+from .._triton_utils import device_guard as _on_device
+from .._triton_utils import dot_precision as _dot_precision
+from .._triton_utils import sm_count
 
 Tensor = torch.Tensor
 
 _INTERPRET = _env.triton_interpret()
 
 
-_triton_compat.fix_interpreter_scalar_index()
+_triton_utils.fix_interpreter_scalar_index()
 
 # Scorer GEMM configs. H100/H200 bf16 GEMMs of this shape (M = 46656, N = K = 1152) run best
 # with 128-row tiles, 128-256 columns and BLOCK_K = 64 (one 128-byte swizzled shared-memory
@@ -345,23 +347,12 @@ _POOL_TILE = 16 if _INTERPRET else 4096
 _DZ_BLOCK_M, _DZ_BLOCK_N = (16, 16) if _INTERPRET else (32, 128)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """Programs that fill the device a few times over. Under the interpreter a small number,
     so that even tiny test shapes take the multi-split code paths."""
     if device.type != "cuda":
         return 4
-    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32 inputs: exact fp32 products (tf32 would cost ~3e-4); 16-bit operands have only one
-    # tensor-core path, so they keep Triton's default
-    return "ieee" if dtype == torch.float32 else None
+    return 4 * sm_count(device)
 
 
 def _scores(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -405,19 +396,15 @@ def _pool_meta(kh: int, kw: int, C: int) -> Tuple[int, int, int]:
     return win_p, block_c, num_warps
 
 
+@overload
+def _vec(t: Tensor, dtype: torch.dtype) -> Tensor: ...
+@overload
+def _vec(t: None, dtype: torch.dtype) -> None: ...
 def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1).to(dtype).contiguous()
 
 
-def _on_device(x: Tensor):
-    """Triton launches on the current CUDA device: make it x's for the call (no-op when it
-    already is, and on CPU under the interpreter)."""
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
-def _empties(x: Tensor, n: int) -> Tuple[Tensor, ...]:
+def _empties(x: Tensor, n: int) -> Tuple[Any, ...]:
     # distinct objects: the op's alias check rejects one tensor returned twice, even empty
     return tuple(x.new_empty(0) for _ in range(n))
 

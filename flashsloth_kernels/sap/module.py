@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
 
-from .op import spatial_attention_pool
+from .. import _checks
+from .op import fused, spatial_attention_pool
 
 
 class SpatialAttentionPool(nn.Module):
@@ -25,6 +26,9 @@ class SpatialAttentionPool(nn.Module):
         dropout: dropout on the hidden activations, active in training mode only.
         backend: default backend for this module's calls (None: FLASHSLOTH_BACKEND / auto).
 
+    The arguments are validated here (TypeError / ValueError naming the argument), not at
+    the first forward.
+
     Shapes: forward(x (B, N, C) or (B, H, W, C), grid_size=None) -> (B, G, C).
 
     Example:
@@ -37,7 +41,12 @@ class SpatialAttentionPool(nn.Module):
                  hidden_dim: Optional[int] = None, dropout: float = 0.1,
                  backend: Optional[str] = None):
         super().__init__()
-        hidden_dim = dim if hidden_dim is None else hidden_dim
+        _checks.positive_int("dim", dim)
+        hidden_dim = dim if hidden_dim is None else _checks.positive_int("hidden_dim", hidden_dim)
+        _checks.int_pair("window", window)
+        _checks.probability("dropout", dropout)
+        if backend is not None:
+            fused.requested(backend)  # a TypeError / ValueError naming backend
         self.window = window
         self.backend = backend
         self.mlp = nn.Sequential(
@@ -45,7 +54,9 @@ class SpatialAttentionPool(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, grid_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-        fc1, drop, fc2 = self.mlp[0], self.mlp[2], self.mlp[3]
+        fc1 = cast(nn.Linear, self.mlp[0])
+        drop = cast(nn.Dropout, self.mlp[2])
+        fc2 = cast(nn.Linear, self.mlp[3])
         return spatial_attention_pool(
             x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.window, grid_size,
             drop.p if self.training else 0.0, backend=self.backend,

@@ -8,68 +8,58 @@ host functions ``sap_fwd`` / ``sap_bwd`` (one per backend module) -> registered 
 
 from __future__ import annotations
 
-import importlib
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
-from .._cuda_ext import cuda_reasons
-from .._dispatch import Dispatcher, cpu_reasons_for, reference_reasons, triton_reasons
+from .._op import FusedOp, compute_dtype
 from . import reference
 
 Tensor = torch.Tensor
 
-dispatcher = Dispatcher("spatial_attention_pool")
-dispatcher.register("reference", reference_reasons)
-dispatcher.register("cpu", cpu_reasons_for("flashsloth_kernels.sap._C"))
-dispatcher.register("triton", triton_reasons)
-dispatcher.register("cuda", cuda_reasons)
-
-# backend name -> module holding its host functions sap_fwd / sap_bwd (imported lazily,
-# so a missing Triton or extension costs nothing until that backend is chosen)
-_HOST_MODULES = {
-    "cpu": "flashsloth_kernels.sap.fused_cpu",
-    "triton": "flashsloth_kernels.sap.fused_triton",
-    "cuda": "flashsloth_kernels.sap.fused_cuda",
-}
+fused = FusedOp("spatial_attention_pool", folder="sap", prefix="sap",
+                reference_hosts=(reference.sap_reference_fwd, reference.sap_reference_bwd),
+                plain_reference="flashsloth_kernels.sap.reference.sap_reference")
+dispatcher = fused.dispatcher
 
 
-def _host(backend: str):
-    if backend == "reference":
-        return reference.sap_reference_fwd, reference.sap_reference_bwd
-    mod = importlib.import_module(_HOST_MODULES[backend])
-    return mod.sap_fwd, mod.sap_bwd
-
-
-@torch.library.custom_op("flashsloth::spatial_attention_pool", mutates_args=())
-def _sap_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-            kh: int, kw: int, H: int, W: int, dropout_mask: Optional[Tensor],
-            dropout_scale: float, backend: str) -> Tensor:
+def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+             kh: int, kw: int, H: int, W: int, dropout_mask: Optional[Tensor],
+             dropout_scale: float, backend: str) -> Tensor:
+    if H == SQUARE:
+        H = W = _square_side(x.shape[1])
     if x.shape[0] == 0:
         return x.new_empty(0, reference.num_windows(H, W, kh, kw), x.shape[2])
-    fwd, _ = _host(backend)
-    return fwd(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale)
+    name = fused.resolve(backend, x.device, x.dtype, needs_grad=_requires_grad(x, w1, b1, w2, b2))
+    return fused.host(name)[0](x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale)
 
 
-@_sap_op.register_fake
-def _(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend):
-    return x.new_empty(x.shape[0], reference.num_windows(H, W, kh, kw), x.shape[2])
+def _requires_grad(*tensors: Optional[Tensor]) -> bool:
+    # what the public function resolved with (grad mode is off inside autograd's forward)
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
-@torch.library.custom_op("flashsloth::spatial_attention_pool_backward", mutates_args=())
-def _sap_bwd_op(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                b2: Optional[Tensor], kh: int, kw: int, H: int, W: int,
-                dropout_mask: Optional[Tensor], dropout_scale: float, backend: str,
-                need_x: bool, need_w: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_fake(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend):
+    G: Union[int, torch.SymInt] = reference.num_windows(H, W, kh, kw)
+    if H == SQUARE:
+        G = torch.library.get_ctx().new_dynamic_size(min=1)
+    return x.new_empty(x.shape[0], G, x.shape[2])
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor], kh: int, kw: int, H: int, W: int,
+                   dropout_mask: Optional[Tensor], dropout_scale: float, backend: str,
+                   need_x: bool, need_w: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if H == SQUARE:
+        H = W = _square_side(x.shape[1])
     if x.shape[0] == 0:
         dx, dw1, db1, dw2, db2 = _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w)
         return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2.zero_()
-    _, bwd = _host(backend)
-    return bwd(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
-               need_x, need_w)
+    name = fused.resolve(backend, x.device, x.dtype, needs_grad=True)
+    return fused.host(name)[1](grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask,
+                               dropout_scale, need_x, need_w)
 
 
 def _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w):
@@ -78,12 +68,12 @@ def _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w):
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     if not need_w:
         return (dx,) + tuple(x.new_empty(0) for _ in range(4))
-    return dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape), w2.new_empty(1)
+    return (dx, w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
+            w2.new_empty(1))
 
 
-@_sap_bwd_op.register_fake
-def _(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend,
-      need_x, need_w):
+def _backward_fake(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+                   backend, need_x, need_w):
     return _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w)
 
 
@@ -100,17 +90,15 @@ def _backward(ctx, grad_out):
     need_w = any(ctx.needs_input_grad[1:5])
     if not (need_x or need_w):
         return (None,) * 12
-    dx, dw1, db1, dw2, db2 = _sap_bwd_op(grad_out.contiguous(), x, w1, b1, w2, b2, kh, kw, H, W,
-                                         dropout_mask, dropout_scale, backend, need_x, need_w)
+    dx, dw1, db1, dw2, db2 = fused.backward_op(grad_out.contiguous(), x, w1, b1, w2, b2, kh, kw,
+                                               H, W, dropout_mask, dropout_scale, backend,
+                                               need_x, need_w)
     return (dx if need_x else None,
             dw1 if ctx.needs_input_grad[1] else None,
             db1 if b1 is not None and ctx.needs_input_grad[2] else None,
             dw2 if ctx.needs_input_grad[3] else None,
             db2 if b2 is not None and ctx.needs_input_grad[4] else None,
             None, None, None, None, None, None, None)
-
-
-_sap_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sap_flops(B: int, N: int, C: int, Ch: int, G: int) -> int:
@@ -128,17 +116,58 @@ def sap_backward_flops(B: int, N: int, C: int, Ch: int, need_x: bool, need_w: bo
     return flops
 
 
-@register_flop_formula(torch.ops.flashsloth.spatial_attention_pool)
 def _sap_flop_formula(x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
     B, N, C = x_shape
     return sap_flops(B, N, C, w1_shape[0], out_shape[1] if out_shape is not None else 0)
 
 
-@register_flop_formula(torch.ops.flashsloth.spatial_attention_pool_backward)
 def _sap_bwd_flop_formula(g_shape, x_shape, w1_shape, b1_shape, w2_shape, b2_shape, kh, kw, H, W,
                           mask_shape, scale, backend, need_x, need_w, *args, **kwargs) -> int:
     B, N, C = x_shape
     return sap_backward_flops(B, N, C, w1_shape[0], need_x, need_w)
+
+
+fused.define(_forward, _forward_fake, _backward_impl, _backward_fake, _setup_context, _backward,
+             _sap_flop_formula, _sap_bwd_flop_formula)
+_sap_op = fused.op
+_sap_bwd_op = fused.backward_op
+
+
+def _kernel_fwd_fake(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+                     lowp_gemm=False, images_per_chunk=0):
+    return x.new_empty(x.shape[0], reference.num_windows(H, W, kh, kw), x.shape[2])
+
+
+def _kernel_bwd_fake(grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale,
+                     need_x, need_w, lowp_gemm=False):
+    return _sap_bwd_fake(grad_out, x, w1, w2, need_x, need_w)
+
+
+# The compiled kernels (cpu and cuda backends): one schema, a kernel per dispatch key.
+# lowp_gemm: CPU only (run the scorer GEMMs in 16 bits where oneDNN has a fast 16-bit GEMM);
+# images_per_chunk: CUDA only (compute z for this many images at a time; 0 chooses).
+fused.define_kernels(
+    "spatial_attention_pool_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+    "int kh, int kw, int H, int W, Tensor? dropout_mask, float dropout_scale, "
+    "bool lowp_gemm=False, int images_per_chunk=0) -> Tensor",
+    "spatial_attention_pool_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, "
+    "Tensor? b2, int kh, int kw, int H, int W, Tensor? dropout_mask, float dropout_scale, "
+    "bool need_x, bool need_w, bool lowp_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _kernel_fwd_fake, _kernel_bwd_fake)
+
+
+# H = W = SQUARE tells the op that x (B, N, C) is a square grid whose side it computes from N
+# when it runs: torch.export of 3-D input with a dynamic N (sqrt(N) cannot be a guard of the
+# exported program; the output's window count is then a size the program learns at run time).
+SQUARE = 0
+
+
+def _square_side(N: int) -> int:
+    side = math.isqrt(N)
+    if side * side != N:
+        raise ValueError(f"x: N = {N} patches is not a perfect square; pass grid_size=(H, W) "
+                         "with H * W == N")
+    return side
 
 
 def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
@@ -150,9 +179,17 @@ def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
         return H, W
     N = x.shape[1]
     if grid_size is None:
-        side = math.isqrt(N)
+        if torch.compiler.is_exporting() and isinstance(N, torch.SymInt):
+            return SQUARE, SQUARE  # a dynamic N: the op takes the square root when it runs
+        if torch.compiler.is_compiling():
+            # N may be symbolic (dynamic shapes): a square root dynamo can trace (its guards
+            # recompile for a new N); math.isqrt would break the graph
+            side = torch.sym_int(torch.sym_sqrt(N))
+        else:
+            side = math.isqrt(N)
         if side * side != N:
-            raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect square; "
+            raise ValueError(f"x: N = {N} patches (shape {tuple(x.shape)}) is not a perfect "
+                             "square; "
                              "pass grid_size=(H, W) with H * W == N")
         return side, side
     H, W = _checks.int_pair("grid_size", grid_size)
@@ -182,7 +219,9 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
             BackendUnavailableError saying why.
 
     Returns:
-        (B, ceil(H / kh) * ceil(W / kw), C) in x's dtype.
+        (B, ceil(H / kh) * ceil(W / kw), C) in x's dtype (inside torch.autocast: the autocast
+        dtype, every input cast to it). Differentiable in reverse mode; forward-mode AD and
+        torch.func.grad / jacrev raise (see flashsloth_kernels/_op.py).
 
     Example:
         >>> x = torch.randn(2, 729, 1152)
@@ -195,7 +234,8 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     _checks.tensor("b1", b1, ndim=1, optional=True)
     _checks.tensor("w2", w2, ndim=(1, 2))
     _checks.tensor("b2", b2, ndim=(0, 1), optional=True)
-    _checks.same_dtype_device("x", x, w1=w1, b1=b1, w2=w2, b2=b2)
+    dtype = compute_dtype("x", x, w1=w1, b1=b1, w2=w2, b2=b2)
+    fused.check_transforms(x, w1, b1, w2, b2)
     C = x.shape[-1]
     Ch = w1.shape[0]
     if C < 1 or Ch < 1:
@@ -206,20 +246,26 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     if b1 is not None:
         _checks.shape("b1", b1, (Ch,), f"(Ch from w1 of shape {tuple(w1.shape)})")
     if w2.shape not in ((1, Ch), (Ch,)):
-        raise ValueError(f"w2: expected shape (1, {Ch}) or ({Ch},) (Ch from w1), got {tuple(w2.shape)}")
+        raise ValueError(f"w2: expected shape (1, {Ch}) or ({Ch},) (Ch from w1), "
+                         f"got {tuple(w2.shape)}")
     if b2 is not None and b2.numel() != 1:
         raise ValueError(f"b2: expected shape (1,) or a 0-dim tensor, got {tuple(b2.shape)}")
     H, W = _grid(x, grid_size)
     kh, kw = _checks.int_pair("window", window)
-    if kh > H or kw > W:
+    if H != SQUARE and (kh > H or kw > W):
         raise ValueError(f"window: ({kh}, {kw}) is larger than the ({H}, {W}) grid")
     p = _checks.probability("dropout_p", dropout_p)
-    name = dispatcher.select(backend, x.device, x.dtype)
+    requested = fused.requested(backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    fused.resolve(requested, x.device, dtype, needs_grad)  # raises before any work
 
     B = x.shape[0]
-    x3 = x.reshape(B, H * W, C)
+    x3 = x if x.dim() == 3 else x.reshape(B, x.shape[1] * x.shape[2], C)
     mask = None
     if p > 0.0:
-        mask = torch.empty((B, H * W, Ch), dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-    return _sap_op(x3, w1, b1, w2.reshape(Ch), None if b2 is None else b2.reshape(1),
-                   kh, kw, H, W, mask, 1.0 / (1.0 - p), name)
+        mask = torch.empty((B, x3.shape[1], Ch), dtype=torch.bool,
+                           device=x.device).bernoulli_(1.0 - p)
+    args = (x3, w1, b1, w2.reshape(Ch), None if b2 is None else b2.reshape(1),
+            kh, kw, H, W, mask, 1.0 / (1.0 - p), requested)
+    return fused.call(args, (x, w1, b1, w2, b2), x.device)

@@ -1,0 +1,144 @@
+"""The shared op scaffolding (flashsloth_kernels/_op.py, _compat.py), the cuda backend's
+reasons, the modules' constructor checks (issue 10 §5, §3 Default).
+
+The eager bypass and what it saves: flashsloth_kernels/_op.py and scripts/bench_op_dispatch.py.
+"""
+
+import pytest
+import torch
+
+import flashsloth_kernels as fk
+from flashsloth_kernels import _compat, _ext, _op
+from flashsloth_kernels.attention import op as attn_op
+from flashsloth_kernels.sap import fused_cuda as sap_cuda
+from flashsloth_kernels.sap import op as sap_op
+
+
+def _sap_args():
+    x = torch.randn(2, 9, 8)
+    return x, torch.randn(4, 8), torch.randn(4), torch.randn(1, 4), torch.randn(1)
+
+
+def test_both_ops_share_one_scaffolding():
+    for mod in (sap_op, attn_op):
+        assert isinstance(mod.fused, _op.FusedOp)
+        assert mod.dispatcher is mod.fused.dispatcher
+        assert mod.dispatcher.backends == ("reference", "cpu", "triton", "cuda")
+        assert mod.fused.host("cpu") is mod.fused.host("cpu")  # imported and looked up once
+    assert sap_op.fused.host("reference")[0] is sap_op.reference.sap_reference_fwd
+
+
+class _CountingOp:
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_eager_bypass_and_its_public_fallback(monkeypatch, fallback):
+    """Unobserved inference calls skip the registered op; without the private torch APIs
+    (compat fallback) every call goes through the public op, with the same result."""
+    monkeypatch.setattr(_compat, "FORCE_FALLBACK", fallback)
+    counter = _CountingOp(sap_op.fused.op)
+    monkeypatch.setattr(sap_op.fused, "op", counter)
+    args = _sap_args()
+    with torch.no_grad():
+        out = fk.spatial_attention_pool(*args, window=3, backend="cpu")
+    assert counter.calls == (1 if fallback else 0)
+    torch.testing.assert_close(out, torch.ops.flashsloth.spatial_attention_pool(
+        args[0], args[1], args[2], args[3].reshape(4), args[4], 3, 3, 3, 3, None, 1.0, "cpu"))
+    # observed calls always take the op: autograd, autocast
+    x = args[0].clone().requires_grad_()
+    fk.spatial_attention_pool(x, *args[1:], window=3, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fk.spatial_attention_pool(*args, window=3, backend="cpu")
+    assert counter.calls == (3 if fallback else 2)
+
+
+def test_nothing_observes_is_false_under_a_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    t = torch.ones(1)
+    assert _compat.nothing_observes(t)
+    with Mode():
+        assert not _compat.nothing_observes(t)
+
+
+def test_cuda_backend_reports_missing_triton_for_gradients(monkeypatch):
+    monkeypatch.setattr(_ext, "triton_error", lambda: "triton is not importable (test)")
+    why = sap_op.dispatcher.reasons("cuda", torch.device("cuda"), torch.float32, needs_grad=True)
+    assert any("its backward runs the Triton kernels" in w for w in why)
+    why = sap_op.dispatcher.reasons("cuda", torch.device("cuda"), torch.float32, needs_grad=False)
+    assert not any("Triton" in w for w in why)
+    monkeypatch.setattr(sap_cuda, "triton_error", lambda: "triton is not importable (test)")
+    x, w1, b1, w2, b2 = _sap_args()
+    with pytest.raises(RuntimeError, match="backward runs the Triton kernels"):
+        sap_cuda.sap_bwd(torch.ones(2, 1, 8), x, w1, b1, w2.reshape(4), b2, 3, 3, 3, 3, None, 1.0)
+
+
+def test_kernel_ops_have_one_name_and_namespace():
+    """The compiled kernels are flashsloth::<op>_fwd / _bwd, one schema for every device."""
+    for name in ("spatial_attention_pool", "query_patch_attention"):
+        for suffix in ("", "_backward", "_fwd", "_bwd"):
+            assert hasattr(torch.ops.flashsloth, name + suffix)
+    if _ext.ext_error("flashsloth_kernels.sap._C") is None:
+        from flashsloth_kernels.sap import fused_cpu  # noqa: F401
+
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            "flashsloth::spatial_attention_pool_fwd", "CPU")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=0), "dim: expected an int >= 1, got 0"),
+    (dict(dim=8, window=0), "window: expected an int >= 1, got 0"),
+    (dict(dim=8, window=(2, 0)), r"window\[1\]: expected an int >= 1"),
+    (dict(dim=8, hidden_dim=-1), "hidden_dim: expected an int >= 1"),
+    (dict(dim=8, dropout=1.5), r"dropout: expected a float in \[0, 1\)"),
+    (dict(dim=8, backend="gpu"), "backend: expected one of"),
+])
+def test_sap_module_validates_its_arguments(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fk.SpatialAttentionPool(**kwargs)
+
+
+def test_compat_fallbacks_answer_conservatively(monkeypatch):
+    """Every private-API helper in _compat has a safe answer when the API is missing, and the
+    ops give the same results through it."""
+    args = _sap_args()
+    with torch.no_grad():
+        want = fk.spatial_attention_pool(*[t.bfloat16() for t in args], window=3, backend="cpu")
+    monkeypatch.setattr(_compat, "FORCE_FALLBACK", True)
+    assert not _compat.nothing_observes(torch.ones(1))
+    assert not _compat.mkldnn_fast_gemm(torch.bfloat16)   # fp32 GEMMs
+    with torch.no_grad():
+        got = fk.spatial_attention_pool(*[t.bfloat16() for t in args], window=3, backend="cpu")
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_opcheck_the_compiled_kernel_ops():
+    """flashsloth::<op>_fwd / _bwd: schema, fake kernels and the CPU kernels agree."""
+    if _ext.ext_error("flashsloth_kernels.sap._C") or _ext.ext_error(
+            "flashsloth_kernels.attention._C"):
+        pytest.skip("the C++ extensions are not built")
+    from flashsloth_kernels.attention import fused_cpu as attn_cpu  # noqa: F401
+    from flashsloth_kernels.sap import fused_cpu  # noqa: F401
+
+    ops = torch.ops.flashsloth
+    x, w1, b1, w2, b2 = _sap_args()
+    sap = (x, w1, b1, w2.reshape(4), b2, 3, 3, 3, 3, None, 1.0)
+    torch.library.opcheck(ops.spatial_attention_pool_fwd.default, sap)
+    torch.library.opcheck(ops.spatial_attention_pool_bwd.default,
+                          (torch.randn(2, 1, 8),) + sap + (True, True))
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    mask = torch.tensor([[True, False, True, True, False]])
+    torch.library.opcheck(ops.query_patch_attention_fwd.default, (q, k, v, mask, 0.5))
+    out, lse = ops.query_patch_attention_fwd(q, k, v, mask, 0.5)
+    torch.library.opcheck(ops.query_patch_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, mask, 0.5, out, lse))
