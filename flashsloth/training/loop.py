@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from flashsloth_kernels import _env
+
 from ..config import FlashSlothConfig
 from . import checkpoints as ckpt
 from .cli import check_device, check_output_dir
@@ -178,6 +180,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         total_saved = saved["run"].get("total_steps")
         final = os.path.join(out, "final")
         if total_saved is not None and saved["step"] >= total_saved and ckpt.is_complete(final):
+            if _env.torchrun_env()[1] == 0:
+                for line in ckpt.clean_leftovers(out):
+                    _say(True, f"cleaned up: {line}")
             raise RunFinished(f"the run in {out} already finished: step {saved['step']} of "
                               f"{total_saved} is done and its weights are in {final}; nothing "
                               "to do (to train further, start a new run with --checkpoint "
