@@ -156,3 +156,44 @@ def test_resume_warns_records_and_uses_a_new_lr_and_data(finished, data_dir, tmp
     new = {r["step"]: r["lr"] for r in read_metrics(str(out / "metrics.jsonl"))
            if r["split"] == "train"}
     assert new[1] == old[1] and new[2] == pytest.approx(4 * old[2], rel=1e-12)
+
+
+def test_an_image_that_fails_to_decode_is_skipped_and_reported_or_stops(data_dir, tmp_path,
+                                                                        capsys):
+    """It passes PIL's verify() at start and fails when its batch is loaded: the run skips it
+    (reported with file:line, like other bad lines) and continues; --on-bad error stops."""
+    import io
+
+    from PIL import Image
+
+    shutil.copytree(os.path.join(data_dir, "images"), tmp_path / "images")
+    import numpy as np
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (84, 84, 3), np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG")
+    jpg = buf.getvalue()
+    (tmp_path / "images" / "trunc.jpg").write_bytes(jpg[:len(jpg) // 2])
+    rows = open(os.path.join(data_dir, "train.jsonl")).read().splitlines()
+    rec = json.loads(rows[2])
+    rec["image"] = "images/trunc.jpg"
+    rows[2] = json.dumps(rec)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    base = _args(data_dir, tmp_path / "skip", "--tokenizer", data_dir, "--max-steps", "4",
+                 "--save-every", "0")
+    base[base.index("--data") + 1] = str(data)
+    assert _run(base) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {data}:3: undecodable image:" in err and err.count("data.jsonl:3:") == 1
+    assert f"{data}:3: undecodable image" in (tmp_path / "skip" / "skipped_lines.txt").read_text()
+    rows_ = [r for r in read_metrics(str(tmp_path / "skip" / "metrics.jsonl"))]
+    assert sum(r["samples"] for r in rows_) == 4 * 2 - 1          # the bad sample is not counted
+    base[base.index("--output-dir") + 1] = str(tmp_path / "stop")
+    assert _run([*base, "--on-bad", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 bad line(s)") and f"{data}:3: undecodable image" in err
+    # --check-images decode finds it at start instead
+    base[base.index("--output-dir") + 1] = str(tmp_path / "decode")
+    assert _run([*base, "--check-images", "decode"]) == 0
+    assert f"skipped {data}:3: unreadable image" in capsys.readouterr().err
