@@ -36,4 +36,12 @@ from .training.cli import main
 __all__ = [*_training_all, "train"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    from flashsloth_kernels import _env
+
+    if _env.torchrun_env()[0] > 1:
+        # several processes: end without interpreter finalization (see exit_process)
+        from .training.distributed import exit_process
+
+        exit_process(_code)
+    sys.exit(_code)

@@ -4,6 +4,7 @@ collective state-dict helpers the checkpoints use (FSDP gathers full state dicts
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -94,6 +95,30 @@ def teardown_distributed() -> None:
     collective and after the objects that hold the group (DDP, FSDP) are released."""
     if dist_ready():
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a distributed worker process (after :func:`teardown_distributed`) without running
+    the interpreter's finalization.
+
+    Why: a ProcessGroupGloo that DistributedDataParallel was built on stays alive in C++ after
+    ``destroy_process_group`` (nothing in Python holds it, ``shutdown()`` / ``abort()`` do not
+    stop it: tests/test_train_ddp.py's docstring has the evidence), so its worker threads
+    are never joined. When one of them drops the last reference to a finished collective
+    while the interpreter is finalizing, the decref takes the GIL, CPython ends the thread
+    inside a noexcept C++ destructor and libstdc++ aborts the process ("terminate called
+    without an active exception", SIGABRT) although the run succeeded. With every file
+    closed and the group destroyed there is nothing left for finalization to do, so the
+    process ends here: stdout/stderr are flushed, then ``os._exit``.
+    """
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def wrap_model(model: nn.Module, strategy: str, info: DistInfo,
