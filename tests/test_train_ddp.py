@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,7 @@ def _worker(rank: int, port: int, out: str):
         result["sync_max_diff"] = float((gathered[0] - gathered[1]).abs().max())
         result["sync_losses"] = losses
         # 2. DDP and FSDP (no dropout, SGD) against the single-process big batch
+        filters = list(warnings.filters)
         for strategy in ("ddp", "fsdp"):
             torch.manual_seed(0)
             model = FlashSloth(cfg).eval()
@@ -92,6 +94,8 @@ def _worker(rank: int, port: int, out: str):
             state = _full_model_state(wrapped)     # every process gathers; rank 0 gets it
             if rank == 0:
                 result[strategy] = _flat(state)
+        # FSDP's "returned a view" warning is silenced inside each forward only
+        result["warning_filters_unchanged"] = warnings.filters == filters
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -106,6 +110,7 @@ def test_two_process_gloo_ddp_and_fsdp_stay_in_sync(tmp_path):
     # DDP broadcast rank 0's weights and averaged the gradients: identical parameters
     assert res["sync_max_diff"] == 0.0
     assert all(torch.isfinite(torch.tensor(res["sync_losses"])))
+    assert res["warning_filters_unchanged"]
     # the reference: one process, both processes' samples in one batch
     torch.manual_seed(0)
     model = FlashSloth(FlashSlothConfig.preset("tiny")).eval()

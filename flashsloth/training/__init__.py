@@ -11,26 +11,87 @@
 - :mod:`.cli` and :mod:`.loop`: the command line and the run it describes.
 """
 
-from .checkpoints import (CheckpointWriteError, IncompleteCheckpointError, TrainState,
-                          checkpoint_problems, clean_leftovers, latest_checkpoint,
-                          load_model_state, save_checkpoint, save_final)
+from .checkpoints import (
+                          CheckpointWriteError,
+                          IncompleteCheckpointError,
+                          TrainState,
+                          checkpoint_problems,
+                          clean_leftovers,
+                          latest_checkpoint,
+                          load_model_state,
+                          save_checkpoint,
+                          save_final,
+)
 from .cli import build_parser, main
-from .distributed import (DistInfo, full_model_state, setup_distributed, teardown_distributed,
-                          unwrap, wrap_model)
+from .distributed import (
+                          DistInfo,
+                          full_model_state,
+                          setup_distributed,
+                          teardown_distributed,
+                          unwrap,
+                          wrap_model,
+)
 from .metrics import MetricsLog, plot_loss, read_metrics
-from .stages import (ALWAYS_FROZEN, LARGE_PRESETS, PRECISIONS, STAGE1_TRAINABLE, STAGE_DEFAULTS,
-                     STAGES, autocast_dtype, build_optimizer, configure_stage, cosine_schedule,
-                     enable_gradient_checkpointing)
-from .step import (StepResult, answer_tokens, evaluate, forward_loss, make_autocast_safe,
-                   random_batch, train_step)
+from .stages import (
+                          ALWAYS_FROZEN,
+                          LARGE_PRESETS,
+                          PRECISIONS,
+                          STAGE1_TRAINABLE,
+                          STAGE_DEFAULTS,
+                          STAGES,
+                          autocast_dtype,
+                          build_optimizer,
+                          configure_stage,
+                          cosine_schedule,
+                          enable_gradient_checkpointing,
+)
+from .step import (
+                          StepResult,
+                          answer_tokens,
+                          evaluate,
+                          forward_loss,
+                          make_autocast_safe,
+                          random_batch,
+                          train_step,
+)
 
 __all__ = [
-    "ALWAYS_FROZEN", "CheckpointWriteError", "DistInfo", "IncompleteCheckpointError",
-    "LARGE_PRESETS", "MetricsLog", "PRECISIONS", "STAGE1_TRAINABLE", "STAGES", "STAGE_DEFAULTS",
-    "StepResult", "TrainState", "answer_tokens", "autocast_dtype", "build_optimizer",
-    "build_parser", "checkpoint_problems", "clean_leftovers", "configure_stage",
-    "cosine_schedule", "enable_gradient_checkpointing", "evaluate", "forward_loss",
-    "full_model_state", "latest_checkpoint", "load_model_state", "main", "make_autocast_safe",
-    "plot_loss", "random_batch", "read_metrics", "save_checkpoint", "save_final",
-    "setup_distributed", "teardown_distributed", "train_step", "unwrap", "wrap_model",
+                          "ALWAYS_FROZEN",
+                          "LARGE_PRESETS",
+                          "PRECISIONS",
+                          "STAGE1_TRAINABLE",
+                          "STAGES",
+                          "STAGE_DEFAULTS",
+                          "CheckpointWriteError",
+                          "DistInfo",
+                          "IncompleteCheckpointError",
+                          "MetricsLog",
+                          "StepResult",
+                          "TrainState",
+                          "answer_tokens",
+                          "autocast_dtype",
+                          "build_optimizer",
+                          "build_parser",
+                          "checkpoint_problems",
+                          "clean_leftovers",
+                          "configure_stage",
+                          "cosine_schedule",
+                          "enable_gradient_checkpointing",
+                          "evaluate",
+                          "forward_loss",
+                          "full_model_state",
+                          "latest_checkpoint",
+                          "load_model_state",
+                          "main",
+                          "make_autocast_safe",
+                          "plot_loss",
+                          "random_batch",
+                          "read_metrics",
+                          "save_checkpoint",
+                          "save_final",
+                          "setup_distributed",
+                          "teardown_distributed",
+                          "train_step",
+                          "unwrap",
+                          "wrap_model",
 ]

@@ -50,8 +50,14 @@ from torch import nn
 from flashsloth_kernels import _env
 
 from ..config import FlashSlothConfig
-from .distributed import (barrier, dist_ready, full_model_state, optimizer_state, rank, unwrap,
-                          world_size)
+from .distributed import (
+    dist_ready,
+    full_model_state,
+    optimizer_state,
+    rank,
+    unwrap,
+    world_size,
+)
 
 Tensor = torch.Tensor
 
@@ -210,8 +216,9 @@ def checkpoint_problems(path: str) -> List[str]:
     marker = os.path.join(path, MARKER)
     if not os.path.isfile(marker):
         present = sorted(os.listdir(path))
+        listing = ", ".join(present) if present else "nothing"
         return [f"{MARKER}, the completion marker: its write did not finish (present: "
-                f"{', '.join(present) if present else 'nothing'})"]
+                f"{listing})"]
     try:
         with open(marker) as fh:
             files = json.load(fh)["files"]
@@ -287,8 +294,14 @@ def load_checkpoint(path: str, rank_: int = 0) -> Dict[str, Any]:
 
 def load_model_state(model: nn.Module, path: str) -> None:
     """Fill an (unwrapped) FlashSloth with a checkpoint directory's weights, strictly."""
-    from ..checkpoint import (check_keys, from_original_key, iter_tensors, tensor_shapes,
-                              to_original_key, weight_files)
+    from ..checkpoint import (
+        check_keys,
+        from_original_key,
+        iter_tensors,
+        tensor_shapes,
+        to_original_key,
+        weight_files,
+    )
 
     files = weight_files(path)
     expected = {to_original_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
@@ -440,18 +453,18 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, scheduler, scaler,
             _fault_point(f"{os.path.basename(path)}: trainer_state.json written")
         except CheckpointWriteError as exc:
             error = exc
-        except Exception as exc:  # noqa: BLE001 - safetensors / torch.save hide OSErrors
+        except Exception as exc:
             error = _write_error(path, exc, needed, "the checkpoint")
     if _all_ok(error is None, device):       # the folder exists before others write to it
         try:
             _torch_save(rng_state(), os.path.join(tmp, f"rng_state_{r}.pt"))
             _fault_point(f"{os.path.basename(path)}: rng_state_{r}.pt written")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             error = _write_error(path, exc, needed, "the checkpoint")
         if _all_ok(error is None, device) and r == 0:
             try:
                 _finish(tmp, path, {"step": state.step, "world_size": world_size()})
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 error = _write_error(path, exc, needed, "the checkpoint")
         ok = _all_ok(error is None, device)
     else:
@@ -482,5 +495,5 @@ def save_final(path: str, model_state: Dict[str, Tensor], config: FlashSlothConf
         _finish(tmp, path)
     except CheckpointWriteError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _write_error(path, exc, needed, "the final weights") from exc

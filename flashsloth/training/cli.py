@@ -26,7 +26,7 @@ from .stages import PRECISIONS, STAGES
 class _Parser(argparse.ArgumentParser):
     """argparse, with one-line errors: ``error: argument --epochs: ...`` and exit code 2."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -173,6 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:              # e.g. the disk filled up while appending a log line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         teardown_distributed()
     if _env.torchrun_env()[1] == 0:

@@ -22,11 +22,24 @@ from flashsloth_kernels import _env
 from ..config import FlashSlothConfig
 from . import checkpoints as ckpt
 from .cli import check_device, check_output_dir
-from .distributed import (barrier, full_model_state, load_optimizer_state, setup_distributed,
-                          unwrap, wrap_model)
+from .distributed import (
+    barrier,
+    full_model_state,
+    load_optimizer_state,
+    setup_distributed,
+    unwrap,
+    wrap_model,
+)
 from .metrics import MetricsLog, Progress, plot_loss
-from .stages import (LARGE_PRESETS, STAGE_DEFAULTS, autocast_dtype, build_optimizer,
-                     configure_stage, cosine_schedule, enable_gradient_checkpointing)
+from .stages import (
+    LARGE_PRESETS,
+    STAGE_DEFAULTS,
+    autocast_dtype,
+    build_optimizer,
+    configure_stage,
+    cosine_schedule,
+    enable_gradient_checkpointing,
+)
 from .step import Batch, evaluate, train_step
 
 # A resume must keep these (the data order and the schedule depend on them): refused otherwise
@@ -147,7 +160,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the training the parsed CLI arguments describe; returns a summary (rank 0)."""
     from torch.utils.data import DataLoader
 
-    from ..data import DataError, ConversationDataset, ShardedSampler, collate
+    from ..data import ConversationDataset, DataError, ShardedSampler, collate
     from ..model import FlashSloth
     from ..preprocess import SYSTEM_PROMPT
 
@@ -231,10 +244,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     system = SYSTEM_PROMPT if args.system is None else args.system
     tokenizer = _tokenizer(args, args.checkpoint)
     skipped: List[str] = []
-    data_kw = dict(system=system, image_root=args.image_root, max_length=args.max_length,
-                   on_bad=args.on_bad, cache_images=args.cache_images,
-                   report=lambda issue: skipped.append(str(issue)),
-                   check_images=args.check_images)
+    data_kw = {"system": system, "image_root": args.image_root, "max_length": args.max_length,
+               "on_bad": args.on_bad, "cache_images": args.cache_images,
+               "report": lambda issue: skipped.append(str(issue)),
+               "check_images": args.check_images}
     train_set = ConversationDataset(args.data, tokenizer, cfg, **data_kw)
     eval_set = ConversationDataset(args.eval_data, tokenizer, cfg, **data_kw) \
         if args.eval_data else None
