@@ -246,3 +246,37 @@ def test_sigkill_during_a_checkpoint_write_then_resume_latest(label, straight, d
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cleaned up:" in proc.stderr
     _assert_same_run(ref, out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs (room for one tiny-preset checkpoint, not two); skipped where mounting is
+    not allowed (it needs root or CAP_SYS_ADMIN)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_a_really_full_disk(precheck, small_disk, data_dir, monkeypatch, capsys):
+    """A real ENOSPC: with the free-space check before the write, and without it (the write
+    itself fails inside safetensors / torch.save)."""
+    if not precheck:
+        monkeypatch.setattr(ckpt, "_check_space", lambda *a: None)
+    out = small_disk / "run"
+    assert main(_args(data_dir, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: no space left on the device to write the checkpoint "
+                          f"{out / 'checkpoint-0000002'}: it needs about ") and "\n" not in err
+    assert f"the previous checkpoint {out / 'checkpoint-0000001'} is intact" in err
+    assert ckpt.is_complete(str(out / "checkpoint-0000001"))
+    assert not [e for e in os.listdir(out) if e.startswith(".")]
