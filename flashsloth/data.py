@@ -28,10 +28,21 @@ answers only. ``question_mask`` marks each turn's question tokens (what EmbQ att
 given to the model explicitly so the look-up does not depend on how a tokenizer splits
 "<image>\\n" or the role words.
 
-Bad lines (not JSON, no image key, missing or unreadable image, no answer, turns out of
-order, longer than ``max_length`` after inserting the visual and query tokens) are collected
-as :class:`DataIssue` (line number and reason): ``on_bad="skip"`` drops them and reports each,
-``on_bad="error"`` raises :class:`DataError` listing them all. Nothing is dropped silently.
+Bad lines (not UTF-8, not JSON or nested too deeply, no image key, missing or unreadable
+image, no answer, turns out of order, longer than ``max_length`` after inserting the visual
+and query tokens) are collected as :class:`DataIssue` (line number and reason):
+``on_bad="skip"`` drops them and reports each, ``on_bad="error"`` raises :class:`DataError`
+listing them all. Nothing is dropped silently. A UTF-8 byte-order mark opening the file is
+ignored. Each problem is its own line's only.
+
+Images are checked when the file is read: ``check_images="header"`` (default, fast) opens
+each and runs PIL's ``verify()``; ``"decode"`` decodes every image fully (catches truncated
+JPEGs and corrupt PNG data whose checksums are valid, at the cost of reading every pixel).
+An image that passes the check but fails to decode when its sample is loaded is not an
+exception either: the item comes back with ``issue`` set (its ``file:line`` and reason), a
+blank image and no labels, so it adds nothing to the loss or the gradients and keeps batch
+shapes (and every process's step count) unchanged; the trainer reports it like any other bad
+line, or stops with ``--on-bad error``.
 """
 
 from __future__ import annotations
@@ -185,13 +196,48 @@ def parse_record(obj, line: int) -> tuple:
     return image, turns, system
 
 
+CHECK_IMAGES = ("header", "decode", "none")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(raw: bytes, n: int) -> str:
+    """A line's text; ValueError with the reason for bytes that are not UTF-8."""
+    if n == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+                         "the line)") from None
+
+
+def _parse_json(text: str):
+    """json.loads; ValueError with the reason for text that is not JSON or nests too deeply."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse (Python's recursion limit)") from None
+
+
 def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Optional[str] = None,
-                  max_length: Optional[int] = None, check_images: bool = True):
+                  max_length: Optional[int] = None, check_images="header"):
     """Tokenise every line of a JSONL file.
+
+    check_images: "header" (PIL verify()), "decode" (full decode) or "none"; True / False
+    mean "header" / "none".
 
     Returns (examples, issues): the good lines as :class:`Example` and the bad ones as
     :class:`DataIssue` (1-based line numbers; blank lines are neither).
     """
+    if check_images is True:
+        check_images = "header"
+    elif check_images is False:
+        check_images = "none"
+    if check_images not in CHECK_IMAGES:
+        raise ValueError(f"check_images: expected one of {', '.join(CHECK_IMAGES)}, got "
+                         f"{check_images!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: no file {path!r}")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
@@ -199,15 +245,15 @@ def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Option
     limit = max_length if max_length is not None else cfg.text.max_position_embeddings
     examples: List[Example] = []
     issues: List[DataIssue] = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
             try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                issues.append(DataIssue(path, n, f"not valid JSON ({exc.msg} at column "
-                                                 f"{exc.colno})"))
+                text = _decode_line(raw, n)
+                if not text.strip():
+                    continue
+                obj = _parse_json(text)
+            except ValueError as exc:
+                issues.append(DataIssue(path, n, str(exc)))
                 continue
             try:
                 image, turns, system = parse_record(obj, n)
@@ -215,8 +261,8 @@ def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Option
                 issues.append(DataIssue(path, n, str(exc)))
                 continue
             image_path = image if os.path.isabs(image) else os.path.join(root, image)
-            if check_images:
-                reason = _image_problem(image_path)
+            if check_images != "none":
+                reason = _image_problem(image_path, decode=check_images == "decode")
                 if reason:
                     issues.append(DataIssue(path, n, reason))
                     continue
@@ -231,8 +277,9 @@ def read_examples(path: str, encoder: ConversationEncoder, *, image_root: Option
     return examples, issues
 
 
-def _image_problem(path: str) -> Optional[str]:
-    """Why an image cannot be used (None when PIL can read its header)."""
+def _image_problem(path: str, decode: bool = False) -> Optional[str]:
+    """Why an image cannot be used (None when PIL can read its header, and with ``decode``
+    its pixels)."""
     if not os.path.isfile(path):
         return f"missing image: {path}"
     try:
@@ -240,6 +287,9 @@ def _image_problem(path: str) -> Optional[str]:
 
         with Image.open(path) as im:
             im.verify()
+        if decode:
+            with Image.open(path) as im:
+                im.load()
     except Exception as exc:  # PIL raises many types for broken files
         return f"unreadable image: {path} ({type(exc).__name__}: {exc})"
     return None
@@ -259,22 +309,27 @@ class ConversationDataset(Dataset):
             or "error" (raise DataError listing every bad line).
         cache_images: keep preprocessed pixel values in memory after first use.
         report: called with each DataIssue when skipping (default: print to stderr).
+        check_images: "header" (PIL verify(), default), "decode" (decode every image now)
+            or "none" (see the module docstring).
 
     Item: dict(pixel_values (3, S, S) / (V, 3, S, S), input_ids (T,), labels (T,),
-    question_mask (T,) bool, line int).
+    question_mask (T,) bool, line int, issue: None, or the DataIssue of an image that failed
+    to decode (the item then has a blank image and no labels)).
     """
 
     def __init__(self, path: str, tokenizer, config: FlashSlothConfig, *,
                  system: Optional[str] = SYSTEM_PROMPT, image_root: Optional[str] = None,
                  max_length: Optional[int] = None, on_bad: str = "skip",
-                 cache_images: bool = False, report=None):
+                 cache_images: bool = False, report=None, check_images: str = "header"):
         if on_bad not in ("skip", "error"):
             raise ValueError(f"on_bad: expected 'skip' or 'error', got {on_bad!r}")
         self.path = path
         self.config = config
+        self.on_bad = on_bad
         self.encoder = ConversationEncoder(tokenizer, config, system)
         self.examples, self.issues = read_examples(path, self.encoder, image_root=image_root,
-                                                   max_length=max_length)
+                                                   max_length=max_length,
+                                                   check_images=check_images)
         if self.issues:
             if on_bad == "error":
                 raise DataError(self.issues)
@@ -304,14 +359,29 @@ class ConversationDataset(Dataset):
             self._cache[image] = px
         return px
 
+    def _blank_pixels(self) -> Tensor:
+        S = self.config.vision.image_size
+        shape = (self.config.num_views, 3, S, S) if self.config.hd else (3, S, S)
+        return torch.zeros(shape)
+
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
+        issue = None
+        labels = torch.tensor(ex.labels, dtype=torch.long)
+        try:
+            pixels = self.pixel_values(ex.image)
+        except Exception as exc:  # PIL raises many types for undecodable data
+            issue = DataIssue(self.path, ex.line, f"undecodable image: {ex.image} "
+                                                  f"({type(exc).__name__}: {exc})")
+            pixels = self._blank_pixels()
+            labels = torch.full_like(labels, IGNORE_INDEX)   # contributes nothing
         return {
-            "pixel_values": self.pixel_values(ex.image),
+            "pixel_values": pixels,
             "input_ids": torch.tensor(ex.input_ids, dtype=torch.long),
-            "labels": torch.tensor(ex.labels, dtype=torch.long),
+            "labels": labels,
             "question_mask": torch.tensor(ex.question_mask, dtype=torch.bool),
             "line": ex.line,
+            "issue": issue,
         }
 
 
@@ -319,7 +389,9 @@ def collate(samples: Sequence[dict], pad_token_id: int = 0) -> dict:
     """Stack samples into a batch, right-padded (the model re-pads on the left itself).
 
     Returns images (B, 3, S, S) / (B, V, 3, S, S), input_ids (B, T), attention_mask (B, T)
-    bool, labels (B, T) (-100 on padding), question_mask (B, T) bool, lines (list of int).
+    bool, labels (B, T) (-100 on padding), question_mask (B, T) bool, lines (list of int),
+    issues (the DataIssue of every sample whose image failed to decode; those rows carry no
+    labels).
     """
     if not samples:
         raise ValueError("collate: got no samples")
@@ -337,7 +409,8 @@ def collate(samples: Sequence[dict], pad_token_id: int = 0) -> dict:
         qmask[b, :n] = s["question_mask"]
     return {"images": torch.stack([s["pixel_values"] for s in samples]), "input_ids": ids,
             "attention_mask": mask, "labels": labels, "question_mask": qmask,
-            "lines": [s["line"] for s in samples]}
+            "lines": [s["line"] for s in samples],
+            "issues": [s["issue"] for s in samples if s.get("issue") is not None]}
 
 
 class ShardedSampler(Sampler):

@@ -51,3 +51,16 @@ def torchrun_env() -> tuple:
     """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; (1, 0, 0) outside torchrun."""
     return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
             int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def test_kill_at_write() -> int:
+    """FLASHSLOTH_TEST_KILL_AT_WRITE=N (tests only): the trainer SIGKILLs itself at the N-th
+    step of its checkpoint writes (flashsloth.training.checkpoints); 0 / unset: never."""
+    value = os.environ.get("FLASHSLOTH_TEST_KILL_AT_WRITE", "0").strip() or "0"
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"FLASHSLOTH_TEST_KILL_AT_WRITE={value!r}: expected an integer >= 0")
+    return n

@@ -209,3 +209,105 @@ def test_synthetic_cli_and_bad_arguments(tmp_path, capsys):
     assert "kinds" in capsys.readouterr().err
     with pytest.raises(ValueError, match="grid"):
         GroundingSpec(grid=0).validate()
+
+
+# ---------------------------------------------------------------------------- bad input lines
+def _lines(grounding):
+    return open(os.path.join(grounding, "train.jsonl"), "rb").read().splitlines()
+
+
+def _write_raw(tmp_path, grounding, rows: list) -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    if not (tmp_path / "images").exists():
+        import shutil
+
+        shutil.copytree(os.path.join(grounding, "images"), tmp_path / "images")
+    return str(path)
+
+
+def test_non_utf8_bom_and_deep_nesting_are_each_their_own_line_only(grounding, tok, tmp_path):
+    rows = _lines(grounding)
+    bad_utf8 = rows[1].replace(b"what", b"wh\xffat", 1)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path = _write_raw(tmp_path, grounding, [b"\xef\xbb\xbf" + rows[0], bad_utf8, deep, *rows[2:]])
+    examples, issues = read_examples(path, ConversationEncoder(tok, _cfg(), system=""))
+    assert [e.line for e in examples] == [1, 4, 5, 6, 7]        # the BOM line is fine
+    assert [(i.line, i.reason.split(" (")[0]) for i in issues] == [
+        (2, "not UTF-8"), (3, "JSON nested too deeply to parse")]
+    assert "byte 0xff" in issues[0].reason
+    with pytest.raises(DataError, match=r"data.jsonl:2: not UTF-8"):
+        ConversationDataset(path, tok, _cfg(), system="", on_bad="error")
+
+
+def _broken_images(folder):
+    """A truncated JPEG and a PNG with corrupt IDAT data but valid CRCs: both pass PIL's
+    verify() and fail to decode."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 84, 3), np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG")
+    jpg = buf.getvalue()
+    (folder / "trunc.jpg").write_bytes(jpg[:len(jpg) // 2])
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    pos = 8
+    while pos < len(png):
+        (n,) = struct.unpack(">I", png[pos:pos + 4])
+        if png[pos + 4:pos + 8] == b"IDAT":
+            data = bytearray(png[pos + 8:pos + 8 + n])
+            for k in range(n // 2, n // 2 + 64):
+                data[k] ^= 0xFF
+            png[pos + 8:pos + 8 + n] = data
+            png[pos + 8 + n:pos + 12 + n] = struct.pack(">I", zlib.crc32(b"IDAT" + data))
+            break
+        pos += 12 + n
+    (folder / "idat.png").write_bytes(bytes(png))
+    for name in ("trunc.jpg", "idat.png"):
+        with Image.open(folder / name) as f:
+            f.verify()                                           # passes
+    return ["images/trunc.jpg", "images/idat.png"]
+
+
+def _with_images(rows, names):
+    out = list(rows)
+    for k, name in zip((1, 3), names):
+        rec = json.loads(out[k])
+        rec["image"] = name
+        out[k] = json.dumps(rec).encode()
+    return out
+
+
+def test_images_that_fail_to_decode_are_found_at_validation_with_decode(grounding, tok,
+                                                                        tmp_path):
+    rows = _lines(grounding)
+    path = _write_raw(tmp_path, grounding, rows)
+    names = _broken_images(tmp_path / "images")
+    path = _write_raw(tmp_path, grounding, _with_images(rows, names))
+    enc = ConversationEncoder(tok, _cfg(), system="")
+    _, header_issues = read_examples(path, enc)                  # verify() passes them
+    assert header_issues == []
+    _, issues = read_examples(path, enc, check_images="decode")
+    assert [(i.line, i.reason.split(":")[0]) for i in issues] == [(2, "unreadable image"),
+                                                                  (4, "unreadable image")]
+
+
+def test_images_that_fail_to_decode_at_load_time_are_blank_unlabelled_items(grounding, tok,
+                                                                           tmp_path):
+    rows = _lines(grounding)
+    path = _write_raw(tmp_path, grounding, rows)
+    path = _write_raw(tmp_path, grounding, _with_images(rows, _broken_images(tmp_path / "images")))
+    ds = ConversationDataset(path, tok, _cfg(), system="")
+    assert len(ds) == 6 and ds[0]["issue"] is None
+    bad = ds[1]
+    assert str(bad["issue"]).startswith(f"{path}:2: undecodable image: ")
+    assert (bad["labels"] == IGNORE_INDEX).all() and not bad["pixel_values"].any()
+    batch = collate([ds[0], ds[1], ds[3]])
+    assert [i.line for i in batch["issues"]] == [2, 4]
+    assert batch["images"].shape[0] == 3                         # shapes unchanged
