@@ -53,7 +53,7 @@ def torchrun_env() -> tuple:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def test_kill_at_write() -> int:
+def kill_at_write_step() -> int:
     """FLASHSLOTH_TEST_KILL_AT_WRITE=N (tests only): the trainer SIGKILLs itself at the N-th
     step of its checkpoint writes (flashsloth.training.checkpoints); 0 / unset: never."""
     value = os.environ.get("FLASHSLOTH_TEST_KILL_AT_WRITE", "0").strip() or "0"

@@ -87,7 +87,7 @@ def _fault_point(label: str) -> None:
     FLASHSLOTH_TEST_KILL_AT_WRITE=N the N-th call of the process SIGKILLs it."""
     global _fault_count
     _fault_count += 1
-    n = _env.test_kill_at_write()
+    n = _env.kill_at_write_step()
     if n and _fault_count == n:
         os.kill(os.getpid(), signal.SIGKILL)
 
