@@ -25,15 +25,21 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _ext
+from .. import _env, _ext
 
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
 
 
-@functools.lru_cache(maxsize=None)
 def _lowp_gemm(dtype: torch.dtype) -> bool:
+    """Whether the backward's GEMMs may run in ``dtype`` (bfloat16 / float16): oneDNN has a fast
+    GEMM in it on this CPU, and FLASHSLOTH_CPU_ISA does not force a variant below AVX-512."""
+    return _env.cpu_isa() in ("auto", "avx512") and _onednn_lowp_gemm(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_lowp_gemm(dtype: torch.dtype) -> bool:
     """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU."""
     probe = {
         torch.bfloat16: "_is_mkldnn_bf16_supported",
