@@ -61,7 +61,8 @@ def _oracle(q, k, v, mask, grad, scale=None, dtype=torch.float64):
 
 def attn_terms(q, k, v, mask, grad, scale=None):
     """name -> (size of one summed term, reduction length) of each output, from float64
-    intermediates (the accumulation floor of flashsloth_kernels.testing)."""
+    intermediates (the accumulation floor of flashsloth_kernels.testing): the largest mean
+    absolute term of a sum, with the errors its factors carry in."""
     q, k, v, g = (t.detach().double() for t in (q, k, v, grad))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     Lq, Lk, Dk, Dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
@@ -71,16 +72,27 @@ def attn_terms(q, k, v, mask, grad, scale=None):
     if mask is not None:
         p = p.masked_fill(~mask[:, None, None, :], 0)
     p = p * finite[..., None]
-    S = term_size(q, k, scale)                      # one term of a score is q_d k_d scale
-    pm = term_size(p)
-    ds = p * (torch.matmul(g, v.transpose(-1, -2)) - (g * out).sum(-1, keepdim=True))
-    dsm = max(term_size(ds), pm * term_size(g, v))
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], 0)
+    # exp turns an absolute error of a score (~ eps * (|s| + its terms q_d k_d scale)) into a
+    # relative error of p: every p-weighted term carries this factor
+    E = max(1.0, term_size(q, k, scale), term_size(s))
+    pe = p * E
+    # |ds| with the errors it inherits: p's (relative, E) and dp = dO . v's (absolute)
+    dsa = (p * (torch.matmul(g, v.transpose(-1, -2)) - (g * out).sum(-1, keepdim=True))).abs() * E \
+        + p * torch.matmul(g.abs(), v.abs().transpose(-1, -2))
+
+    def mean_term(a, b, n):
+        """max over outputs of the mean absolute term of the sum a @ b (n terms)."""
+        return float((torch.matmul(a, b) / max(1, n)).max()) if a.numel() and b.numel() else 0.0
+
     return {
-        "out": (term_size(v) * pm * max(1.0, S), Lk * Dk),
-        "lse": (max(1.0, S), Lk * Dk),
-        "dq": (scale * term_size(k) * dsm, Lk * Dv),
-        "dk": (scale * term_size(q) * dsm, Lq * Dv),
-        "dv": (pm * term_size(g), Lq),
+        "out": (mean_term(pe, v.abs(), Lk), Lk),
+        "lse": (E, Lk * Dk),
+        "dq": (scale * mean_term(dsa, k.abs(), Lk), Lk),
+        "dk": (scale * mean_term(dsa.transpose(-1, -2), q.abs(), Lq), Lq),
+        "dv": (mean_term(pe.transpose(-1, -2), g.abs(), Lq), Lq),
     }
 
 

@@ -84,34 +84,44 @@ def _run(backend, inputs, window, grid, grad, **kw):
 GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 
+def _mean_term(a, b, n):
+    """max over outputs of the mean absolute term of the sum a @ b (n terms)."""
+    return float((torch.matmul(a, b) / max(1, n)).max()) if a.numel() and b.numel() else 0.0
+
+
 def sap_terms(x, w1, b1, w2, b2, g, kh, kw, H, W, mask=None, scale=1.0):
     """name -> (size of one summed term, reduction length) of each SAP output, from the float64
-    intermediates (the accumulation floor of flashsloth_kernels.testing)."""
+    intermediates (the accumulation floor of flashsloth_kernels.testing): the largest mean
+    absolute term of a sum, with the errors its factors carry in."""
     x, w1, w2, g = (t.detach().double() for t in (x, w1, w2.reshape(-1), g))
     b1 = None if b1 is None else b1.detach().double()
     b2 = None if b2 is None else b2.detach().double().reshape(1)
     B, N, C = x.shape
     Ch = w1.shape[0]
-    ds = torch.zeros(B, N, dtype=torch.float64)
-    dz = torch.zeros(B, N, Ch, dtype=torch.float64)
-    z, a, s = sap_ref._scores(x, w1, b1, w2, b2, mask, scale)
-    if B:
-        win = sap_ref._patch_window_index(H, W, kh, kw, x.device)
-        alpha = sap_ref._from_windows(torch.softmax(sap_ref._to_windows(
-            s.unsqueeze(-1), H, W, kh, kw, -math.inf).squeeze(-1), -1), H, W, kh, kw)
-        dalpha = (g[:, win] * x).sum(-1)
-        inner = torch.zeros(B, g.shape[1], dtype=torch.float64).index_add_(1, win, alpha * dalpha)
-        ds = alpha * (dalpha - inner[:, win])
-        dz = ds.unsqueeze(-1) * w2 * (z > 0) * (1 if mask is None else mask * scale)
     rows = B * N
+    if B == 0:
+        return {name: (0.0, 1) for name in ("out",) + GRAD_NAMES}
+    z, a, s = sap_ref._scores(x, w1, b1, w2, b2, mask, scale)
+    win = sap_ref._patch_window_index(H, W, kh, kw, x.device)
+    alpha = sap_ref._from_windows(torch.softmax(sap_ref._to_windows(
+        s.unsqueeze(-1), H, W, kh, kw, -math.inf).squeeze(-1), -1), H, W, kh, kw)
+    # exp turns an absolute error of a score (its terms w2_k a_k) into a relative error of alpha
+    E = max(1.0, float(s.abs().max()), float((a.abs() @ w2.abs()).max()) / math.sqrt(Ch))
+    ax = torch.zeros(B, g.shape[1], C, dtype=torch.float64).index_add_(1, win, alpha[..., None] * x.abs())
+    dalpha = (g[:, win] * x).sum(-1)
+    inner = torch.zeros(B, g.shape[1], dtype=torch.float64).index_add_(1, win, alpha * dalpha)
+    ds = alpha * (dalpha - inner[:, win])
+    dsa = ds.abs() * E + alpha * (g[:, win].abs() * x.abs()).sum(-1)     # (B, N)
+    gate = (z > 0).double() * (1 if mask is None else mask * scale)
+    dza = dsa.unsqueeze(-1) * w2.abs() * gate                              # (B, N, Ch)
+    flat = dza.reshape(rows, Ch)
     return {
-        # out = sum over a window of alpha_i x_i (scores: sums of Ch terms w2 * a)
-        "out": (term_size(x) * max(1.0, term_size(w2, a)), kh * kw * Ch),
-        "dx": (max(term_size(g), term_size(dz, w1)), Ch),
-        "dw1": (term_size(dz, x), rows),
-        "db1": (term_size(dz), rows),
-        "dw2": (term_size(ds, a), rows),
-        "db2": (term_size(ds), rows),
+        "out": (float(ax.max()) * E / (kh * kw), kh * kw),
+        "dx": (_mean_term(flat, w1.abs(), Ch), Ch),
+        "dw1": (_mean_term(flat.t(), x.abs().reshape(rows, C), rows), rows),
+        "db1": (float(flat.sum(0).max()) / rows, rows),
+        "dw2": (float((dsa.reshape(rows, 1) * a.abs().reshape(rows, Ch)).sum(0).max()) / rows, rows),
+        "db2": (float(dsa.sum()) / rows, rows),
     }
 
 
