@@ -491,3 +491,30 @@ def test_bad_input_raises_clear_error(name):
 def test_package_exports():
     assert fk.query_patch_attention is query_patch_attention
     assert "query_patch_attention" in fk.available_backends()
+
+
+def test_cpu_isa_env_var_forces_each_variant(monkeypatch):
+    """FLASHSLOTH_CPU_ISA picks each variant this CPU supports (all of them then meet the
+    criterion); an unknown name or a variant the CPU lacks is a clear ValueError."""
+    from flashsloth_kernels.attention import fused_cpu
+
+    supported = fused_cpu.supported_isas()
+    assert supported and supported[-1] == "baseline"
+    try:
+        for isa in supported:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", isa)
+            assert fused_cpu.isa() == isa
+            check_against_reference("cpu", "cpu", (2, 4, 9, 50, (18, 36), "mask"), torch.float32)
+        monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "auto")
+        assert fused_cpu.isa() == supported[0]
+        monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "sse9")
+        with pytest.raises(ValueError, match="FLASHSLOTH_CPU_ISA='sse9' is not an instruction-set variant"):
+            query_patch_attention(*make_inputs(1, 1, 2, 3, 4, 4)[:3], backend="cpu")
+        missing = [i for i in ("avx512", "avx2") if i not in supported]
+        if missing:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", missing[0])
+            with pytest.raises(ValueError, match="cannot run that variant"):
+                query_patch_attention(*make_inputs(1, 1, 2, 3, 4, 4)[:3], backend="cpu")
+    finally:
+        monkeypatch.delenv("FLASHSLOTH_CPU_ISA", raising=False)
+        fused_cpu.isa()  # back to auto
