@@ -193,9 +193,10 @@ def _sap_fwd_kernel(
         a_ptrs = act_ptr + rows[:, None].to(tl.int64) * Ch + cols[None, :]
         tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    # columns past Ch (finite duplicates of wrapped ones) load w2 = 0 and contribute nothing
+    # columns past Ch are duplicates of wrapped ones: dropped by a select, not by w2 = 0 (an
+    # inf activation times 0 would be NaN)
     w2 = tl.load(w2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    score = tl.sum(act * w2[None, :], axis=1)
+    score = tl.sum(tl.where(col_ok[None, :], act * w2[None, :], 0.0), axis=1)
 
     slot0 = pid_n * (BLOCK_N // SLOT)
     tl.store(s_part_ptr + slot0.to(tl.int64) * M + rows, score, mask=row_ok)
