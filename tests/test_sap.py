@@ -483,3 +483,27 @@ def test_bad_input_raises_clear_error(name):
 def test_package_exports():
     assert fk.spatial_attention_pool is spatial_attention_pool
     assert fk.SpatialAttentionPool is SpatialAttentionPool
+
+
+def test_cpu_deterministic_across_thread_counts():
+    """Run to run bitwise; across thread counts bitwise for every output but dW1 (a library
+    GEMM's reduction split may follow the thread count, see sap/fused_cpu.py), which must
+    still meet the accuracy criterion."""
+    B, H, W, C, Ch = 3, 27, 27, 72, 72
+    inputs = make_inputs(B, H, W, C, Ch)
+    grad = torch.randn(B, 81, C)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            out, grads = _run("cpu", inputs, 3, (H, W), grad)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[3])), "not reproducible run to run"
+    for other in results[1:3]:
+        for name, a, b in zip(("out",) + GRAD_NAMES, results[0], other):
+            if name != "dw1":
+                assert torch.equal(a, b), name
+    check_sap(results[2][0], list(results[2][1:]), inputs, grad, 3, 3, H, W)
