@@ -75,9 +75,10 @@ def attn_terms(q, k, v, mask, grad, scale=None):
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], 0)
-    # exp turns an absolute error of a score (~ eps * (|s| + its terms q_d k_d scale)) into a
-    # relative error of p: every p-weighted term carries this factor
-    E = max(1.0, term_size(q, k, scale), term_size(s))
+    # p = exp(s - lse): an absolute error of s - lse (~ eps * (|s| + |lse| + the score's terms
+    # q_d k_d scale), plus a few ulp of the kernel's exp) is a relative error of p, which
+    # every p-weighted term carries
+    E = 4.0 + term_size(q, k, scale) + term_size(s) + term_size(lse[finite])
     pe = p * E
     # |ds| with the errors it inherits: p's (relative, E) and dp = dO . v's (absolute)
     dsa = (p * (torch.matmul(g, v.transpose(-1, -2)) - (g * out).sum(-1, keepdim=True))).abs() * E \

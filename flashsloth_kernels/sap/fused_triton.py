@@ -188,7 +188,8 @@ def _sap_fwd_kernel(
     if HAS_MASK:
         m_ptrs = mask_ptr + rows[:, None].to(tl.int64) * Ch + cols[None, :]
         keep = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-        act = tl.where(keep != 0, act * dropout_scale, 0.0)
+        # a multiply, as the formula says (a select would turn a NaN activation into 0)
+        act = act * (keep != 0).to(tl.float32) * dropout_scale
     if STORE_ACT:
         a_ptrs = act_ptr + rows[:, None].to(tl.int64) * Ch + cols[None, :]
         tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
