@@ -62,8 +62,10 @@ def term_size(*factors: Union[torch.Tensor, float, None]) -> float:
     for f in factors:
         if f is None:
             continue
-        m *= float(f.detach().abs().max().item()) if isinstance(f, torch.Tensor) and f.numel() else \
-            (0.0 if isinstance(f, torch.Tensor) else abs(float(f)))
+        if isinstance(f, torch.Tensor):
+            m *= float(f.detach().abs().max().item()) if f.numel() else 0.0
+        else:
+            m *= abs(float(f))
     return m
 
 
@@ -95,17 +97,20 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor,
     """
     dtype = actual.dtype if dtype is None else dtype
     if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        raise AssertionError(
+            f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if actual.numel() == 0:
         return
     if callable(baseline):
         baseline = baseline()
     if baseline.shape != expected.shape:
-        raise AssertionError(f"{name}: baseline shape {tuple(baseline.shape)} != {tuple(expected.shape)}")
+        raise AssertionError(
+            f"{name}: baseline shape {tuple(baseline.shape)} != {tuple(expected.shape)}")
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
     if not bool(torch.isfinite(e).all()):
-        raise AssertionError(f"{name}: the reference is not finite; compare isfinite patterns instead")
+        raise AssertionError(
+            f"{name}: the reference is not finite; compare isfinite patterns instead")
     finite = torch.isfinite(a)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
