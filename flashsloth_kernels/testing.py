@@ -13,7 +13,9 @@ It passes when::
 
     max|actual - expected|  <=  k * max|baseline - expected|  +  floor
     floor = eps(dtype) * max|expected|                         (the one final rounding)
-          + c * eps(acc) * magnitude * sqrt(n)                 (the accumulation)
+          + c * eps(acc) * (max|expected| + magnitude * sqrt(n))
+                       (the accumulation, and the few operations in the accumulation dtype
+                        around it: a softmax's division, an online softmax's rescaling)
 
 ``eps(acc)`` is the machine epsilon of the accumulation dtype (fp32 for fp16 / bf16 / fp32
 inputs, float64 for float64), ``magnitude`` the size of one summed term of the computation
@@ -77,8 +79,9 @@ def tolerance(expected: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype
     if e.numel() == 0:
         return 0.0
     base_err = float((b - e).abs().max().item())
-    floor = eps(dtype) * float(e.abs().max().item()) \
-        + C * eps(accumulation_dtype(dtype)) * float(magnitude) * math.sqrt(max(1, n))
+    top = float(e.abs().max().item())
+    floor = eps(dtype) * top \
+        + C * eps(accumulation_dtype(dtype)) * (top + float(magnitude) * math.sqrt(max(1, n)))
     return k * base_err + floor
 
 

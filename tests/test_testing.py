@@ -21,10 +21,10 @@ def test_bound_scales_with_the_baseline_and_the_floor():
     b = e + torch.tensor([1e-6, 0.0], dtype=torch.float64)
     t = tolerance(e, b, torch.float32, magnitude=3.0, n=16, k=4.0)
     eps = torch.finfo(torch.float32).eps
-    assert t == pytest.approx(4.0 * 1e-6 + eps * 2.0 + 2.0 * eps * 3.0 * 4.0)
+    assert t == pytest.approx(4.0 * 1e-6 + eps * 2.0 + 2.0 * eps * (2.0 + 3.0 * 4.0))
     # 16-bit inputs: the final rounding is the input dtype's, the accumulation fp32's
     t16 = tolerance(e, e, torch.bfloat16, magnitude=3.0, n=16)
-    assert t16 == pytest.approx(torch.finfo(torch.bfloat16).eps * 2.0 + 2.0 * eps * 3.0 * 4.0)
+    assert t16 == pytest.approx(torch.finfo(torch.bfloat16).eps * 2.0 + 2.0 * eps * (2.0 + 3.0 * 4.0))
 
 
 def test_non_finite_and_shape_mismatch_fail():
