@@ -7,6 +7,7 @@ what was expected. Never ``assert``: it vanishes under ``python -O``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -88,3 +89,21 @@ def probability(name: str, p) -> float:
     if not (0.0 <= p < 1.0):
         raise ValueError(f"{name}: expected a float in [0, 1), got {p}")
     return p
+
+
+# The documented range of the attention logit scale (docs/contract.md): beyond it the logits
+# of any realistic q, k overflow fp32 and every output would be NaN.
+MAX_SCALE = 1e4
+
+
+def attention_scale(name: str, scale, head_dim: int) -> float:
+    """``scale`` of the attention logits: None (-> head_dim ** -0.5) or a finite float with
+    0 < scale <= MAX_SCALE."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name}: expected a float > 0 or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not (math.isfinite(value) and 0.0 < value <= MAX_SCALE):
+        raise ValueError(f"{name}: expected a finite float in (0, {MAX_SCALE:g}], got {value}")
+    return value

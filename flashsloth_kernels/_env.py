@@ -64,3 +64,23 @@ def kill_at_write_step() -> int:
     if n < 0:
         raise ValueError(f"FLASHSLOTH_TEST_KILL_AT_WRITE={value!r}: expected an integer >= 0")
     return n
+
+
+CPU_ISAS = ("auto", "avx512", "avx2", "baseline")
+
+
+def cpu_isa() -> str:
+    """FLASHSLOTH_CPU_ISA: the instruction-set variant of the C++ CPU kernels.
+
+    "auto" (default) runs the widest variant the CPU supports; "avx512", "avx2" or "baseline"
+    force one (a variant the CPU cannot run is an error when a kernel is called). Forcing
+    "avx2" or "baseline" also keeps the SAP kernel off oneDNN's 16-bit GEMMs, which need
+    AVX-512, so every CPU-dependent path of both ops can be tested on one machine.
+    """
+    value = os.environ.get("FLASHSLOTH_CPU_ISA", "auto").strip().lower() or "auto"
+    if value not in CPU_ISAS:
+        raise ValueError(
+            f"FLASHSLOTH_CPU_ISA={value!r} is not an instruction-set variant; expected one of "
+            f"{', '.join(CPU_ISAS)}"
+        )
+    return value

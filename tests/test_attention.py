@@ -15,7 +15,7 @@ from flashsloth_kernels import BackendUnavailableError, query_patch_attention
 from flashsloth_kernels.attention import op as attn_op
 from flashsloth_kernels.attention.reference import (attn_reference_bwd, attn_reference_fwd,
                                                     query_patch_attention_reference)
-from flashsloth_kernels.testing import assert_close
+from flashsloth_kernels.testing import assert_close, term_size
 
 ATTN = torch.ops.flashsloth.query_patch_attention
 ATTN_BWD = torch.ops.flashsloth.query_patch_attention_backward
@@ -51,11 +51,71 @@ def _run(backend, q, k, v, mask, grad, scale=None):
     return out, torch.autograd.grad(out, leaves, grad)
 
 
-def _oracle(q, k, v, mask, grad, scale=None):
-    """Autograd through the differentiable reference, in float64."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out, _ = query_patch_attention_reference(*leaves, mask, scale)
-    return out, torch.autograd.grad(out, leaves, grad.double())
+def _oracle(q, k, v, mask, grad, scale=None, dtype=torch.float64):
+    """Autograd through the differentiable reference, in ``dtype`` (float64: the oracle; the
+    inputs' dtype: the plain-PyTorch baseline of flashsloth_kernels.testing's criterion)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = query_patch_attention_reference(*leaves, mask, scale)
+    return out, torch.autograd.grad(out, leaves, grad.to(dtype)), lse
+
+
+def attn_terms(q, k, v, mask, grad, scale=None):
+    """name -> (size of one summed term, reduction length) of each output, from float64
+    intermediates (the accumulation floor of flashsloth_kernels.testing): the largest mean
+    absolute term of a sum, with the errors its factors carry in."""
+    q, k, v, g = (t.detach().double() for t in (q, k, v, grad))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    Lq, Lk, Dk, Dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    out, lse = query_patch_attention_reference(q, k, v, mask, scale)
+    finite = torch.isfinite(lse)
+    p = torch.exp(torch.matmul(q, k.transpose(-1, -2)) * scale - torch.where(finite, lse, 0)[..., None])
+    if mask is not None:
+        p = p.masked_fill(~mask[:, None, None, :], 0)
+    p = p * finite[..., None]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], 0)
+    # p = exp(s - lse): an absolute error of s - lse (~ eps * (|s| + |lse| + the score's terms
+    # q_d k_d scale), plus a few ulp of the kernel's exp) is a relative error of p, which
+    # every p-weighted term carries
+    E = 4.0 + term_size(q, k, scale) + term_size(s) + term_size(lse[finite])
+    pe = p * E
+    # |ds| with the errors it inherits: p's (relative, E) and dp = dO . v's (absolute)
+    dsa = (p * (torch.matmul(g, v.transpose(-1, -2)) - (g * out).sum(-1, keepdim=True))).abs() * E \
+        + p * torch.matmul(g.abs(), v.abs().transpose(-1, -2))
+
+    def mean_term(a, b, n):
+        """max over outputs of the mean absolute term of the sum a @ b (n terms)."""
+        return float((torch.matmul(a, b) / max(1, n)).max()) if a.numel() and b.numel() else 0.0
+
+    return {
+        "out": (mean_term(pe, v.abs(), Lk), Lk),
+        "lse": (E, Lk * Dk),
+        "dq": (scale * mean_term(dsa, k.abs(), Lk), Lk),
+        "dk": (scale * mean_term(dsa.transpose(-1, -2), q.abs(), Lq), Lq),
+        "dv": (mean_term(pe.transpose(-1, -2), g.abs(), Lq), Lq),
+    }
+
+
+def check_attention(out, grads, q, k, v, mask, grad, scale=None, lse=None):
+    """A backend's out (and grads of q, k, v, and lse when given) against the float64 oracle,
+    the baseline being the reference at the inputs' precision."""
+    dtype = q.dtype
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    q, k, v, mask, grad = (cpu(t) for t in (q, k, v, mask, grad))
+    ref_out, ref_grads, ref_lse = _oracle(q, k, v, mask, grad, scale)
+    base_out, base_grads, base_lse = _oracle(q, k, v, mask, grad, scale, dtype)
+    terms = attn_terms(q, k, v, mask, grad, scale)
+    assert_close("out", cpu(out), ref_out, base_out, dtype, magnitude=terms["out"][0], n=terms["out"][1])
+    if lse is not None:
+        lse = cpu(lse)
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        fin = torch.isfinite(ref_lse)
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # lse stays fp32
+        assert_close("lse", lse[fin], ref_lse[fin], base_lse[fin], lse_dtype, magnitude=terms["lse"][0],
+                     n=terms["lse"][1])
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_close(name, cpu(g), r, b, dtype, magnitude=terms[name][0], n=terms[name][1])
 
 
 def check_against_reference(backend, device, case, dtype):
@@ -63,12 +123,10 @@ def check_against_reference(backend, device, case, dtype):
     q, k, v, mask = make_inputs(B, H, Lq, Lk, Dk, Dv, dtype, device, mask_mode)
     grad = torch.randn(B, H, Lq, Dv, dtype=dtype, device=device)
     out, grads = _run(backend, q, k, v, mask, grad)
-    ref_out, ref_grads = _oracle(q, k, v, mask, grad)
     assert out.dtype == dtype and out.shape == (B, H, Lq, Dv)
-    assert_close("out", out, ref_out, dtype)
-    for name, g, r, t in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    for name, g, t in zip(("dq", "dk", "dv"), grads, (q, k, v)):
         assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert_close(name, g, r, dtype)
+    check_attention(out, grads, q, k, v, mask, grad)
     if mask is not None:
         # all-masked rows: exactly zero output and dq; masked keys: exactly zero dk, dv
         if B > 1:
@@ -184,15 +242,19 @@ def test_reference_equals_per_head_loop():
             logits = scale * q[b, h] @ k[b, h, keep].t()
             loop[b, h] = torch.softmax(logits, -1) @ v[b, h, keep]
             loop_lse[b, h] = torch.logsumexp(logits, -1)
-    assert_close("out", out, loop, torch.float64)
-    assert torch.equal(torch.isinf(lse), torch.isinf(loop_lse))
-    assert_close("lse", lse[torch.isfinite(lse)], loop_lse[torch.isfinite(loop_lse)], torch.float64)
     g = torch.randn_like(out)
+    terms = attn_terms(q, k, v, mask, g, scale)
+    # both float64: the bound is the floor (the loop is its own baseline)
+    assert_close("out", out, loop, loop, torch.float64, magnitude=terms["out"][0], n=terms["out"][1])
+    assert torch.equal(torch.isinf(lse), torch.isinf(loop_lse))
+    fin = torch.isfinite(loop_lse)
+    assert_close("lse", lse[fin], loop_lse[fin], loop_lse[fin], torch.float64,
+                 magnitude=terms["lse"][0], n=terms["lse"][1])
     auto = torch.autograd.grad(loop, (q, k, v), g)
     closed = attn_reference_bwd(g, q.detach(), k.detach(), v.detach(), mask, scale, out.detach(),
                                 lse.detach())
     for name, a, c in zip(("dq", "dk", "dv"), auto, closed):
-        assert_close(name, c, a, torch.float64)
+        assert_close(name, c, a, a, torch.float64, magnitude=terms[name][0], n=terms[name][1])
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -201,13 +263,14 @@ def test_lse_and_all_masked_rows(backend, device):
     (where out is exactly 0); extreme logits stay finite."""
     q, k, v, mask = make_inputs(2, 2, 3, 20, 18, 36, device=device, mask_mode="mask")
     q = q * 30.0  # logits of several hundred: the softmax must subtract its max
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = ATTN(q, k, v, mask, 0.5, backend)
-    ref_out, ref_lse = attn_reference_fwd(q.double(), k.double(), v.double(), mask, 0.5)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 3)
     assert torch.isfinite(out).all()
-    assert_close("out", out, ref_out, torch.float32)
     assert torch.isinf(lse[1]).all() and (lse[1] > 0).all() and not out[1].any()
-    assert_close("lse", lse[0], ref_lse[0], torch.float32)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    check_attention(out, grads, q, k, v, mask, g, 0.5, lse=lse)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -406,9 +469,11 @@ BAD_INPUTS = {
     "mask-dtype": (lambda q, k, v, m: dict(key_padding_mask=m.float()), TypeError, "key_padding_mask: expected dtype torch.bool"),
     "mask-not-tensor": (lambda q, k, v, m: dict(key_padding_mask=m.tolist()), TypeError, "key_padding_mask: expected a torch.Tensor"),
     "mask-device": (lambda q, k, v, m: dict(key_padding_mask=m.to("meta")), ValueError, "key_padding_mask: expected a tensor on q's device"),
-    "scale-zero": (lambda q, k, v, m: dict(scale=0.0), ValueError, "scale: expected a finite float > 0, got 0.0"),
-    "scale-negative": (lambda q, k, v, m: dict(scale=-0.5), ValueError, "scale: expected a finite float > 0"),
-    "scale-nan": (lambda q, k, v, m: dict(scale=math.nan), ValueError, "scale: expected a finite float > 0"),
+    "scale-zero": (lambda q, k, v, m: dict(scale=0.0), ValueError, r"scale: expected a finite float in \(0, 10000\], got 0.0"),
+    "scale-negative": (lambda q, k, v, m: dict(scale=-0.5), ValueError, r"scale: expected a finite float in \(0, 10000\], got -0.5"),
+    "scale-nan": (lambda q, k, v, m: dict(scale=math.nan), ValueError, "scale: expected a finite float in .*, got nan"),
+    "scale-huge": (lambda q, k, v, m: dict(scale=1e300), ValueError, r"scale: expected a finite float in \(0, 10000\], got 1e\+300"),
+    "scale-inf": (lambda q, k, v, m: dict(scale=math.inf), ValueError, "scale: expected a finite float in .*, got inf"),
     "scale-type": (lambda q, k, v, m: dict(scale="0.5"), TypeError, "scale: expected a float > 0 or None, got str"),
     "scale-bool": (lambda q, k, v, m: dict(scale=True), TypeError, "scale: expected a float > 0 or None, got bool"),
 }
@@ -427,3 +492,30 @@ def test_bad_input_raises_clear_error(name):
 def test_package_exports():
     assert fk.query_patch_attention is query_patch_attention
     assert "query_patch_attention" in fk.available_backends()
+
+
+def test_cpu_isa_env_var_forces_each_variant(monkeypatch):
+    """FLASHSLOTH_CPU_ISA picks each variant this CPU supports (all of them then meet the
+    criterion); an unknown name or a variant the CPU lacks is a clear ValueError."""
+    from flashsloth_kernels.attention import fused_cpu
+
+    supported = fused_cpu.supported_isas()
+    assert supported and supported[-1] == "baseline"
+    try:
+        for isa in supported:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", isa)
+            assert fused_cpu.isa() == isa
+            check_against_reference("cpu", "cpu", (2, 4, 9, 50, (18, 36), "mask"), torch.float32)
+        monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "auto")
+        assert fused_cpu.isa() == supported[0]
+        monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "sse9")
+        with pytest.raises(ValueError, match="FLASHSLOTH_CPU_ISA='sse9' is not an instruction-set variant"):
+            query_patch_attention(*make_inputs(1, 1, 2, 3, 4, 4)[:3], backend="cpu")
+        missing = [i for i in ("avx512", "avx2") if i not in supported]
+        if missing:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", missing[0])
+            with pytest.raises(ValueError, match="cannot run that variant"):
+                query_patch_attention(*make_inputs(1, 1, 2, 3, 4, 4)[:3], backend="cpu")
+    finally:
+        monkeypatch.delenv("FLASHSLOTH_CPU_ISA", raising=False)
+        fused_cpu.isa()  # back to auto

@@ -112,11 +112,15 @@ def make_sap_inputs(case, dtype, device):
 
 
 def sap_expected(case, inputs):
+    """(float64 reference, the reference at the inputs' precision): the expected value and the
+    plain-PyTorch baseline of flashsloth_kernels.testing's criterion."""
     B, H, W, C, Ch, (kh, kw), _, _ = case
     x, w1, b1, w2, b2, mask, scale = inputs
+    m = None if mask is None else mask.cpu()
     d = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
-    return sap_reference(d(x), d(w1), d(b1), d(w2), d(b2), kh, kw, H, W,
-                         None if mask is None else mask.cpu(), scale)
+    c = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return (sap_reference(d(x), d(w1), d(b1), d(w2), d(b2), kh, kw, H, W, m, scale),
+            sap_reference(c(x), c(w1), c(b1), c(w2), c(b2), kh, kw, H, W, m, scale))
 
 
 def make_attn_inputs(case, dtype, device, all_masked_sample=True):
@@ -137,20 +141,23 @@ def make_attn_inputs(case, dtype, device, all_masked_sample=True):
 
 
 def check_attn(name, out, lse, q, k, v, mask, scale):
-    """out against the float64 reference in q's dtype tolerance; lse in fp32's, with +inf
+    """out against the float64 reference by the criterion of flashsloth_kernels.testing (lse:
+    fp32 precision), with +inf
     exactly where the reference has it (rows with no attended key, whose out must be 0)."""
     d = lambda t: t.detach().cpu().double()  # noqa: E731
-    ref_out, ref_lse = query_patch_attention_reference(
-        d(q), d(k), d(v), None if mask is None else mask.cpu(), scale)
+    c = lambda t: t.detach().cpu()  # noqa: E731
+    m = None if mask is None else mask.cpu()
+    ref_out, ref_lse = query_patch_attention_reference(d(q), d(k), d(v), m, scale)
+    base_out, base_lse = query_patch_attention_reference(c(q), c(k), c(v), m, scale)
     assert out.dtype == q.dtype and out.shape == ref_out.shape, name
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape, name
     out, lse = out.cpu(), lse.cpu()
-    assert_close(f"{name} out", out, ref_out, q.dtype)
+    assert_close(f"{name} out", out, ref_out, base_out, q.dtype)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), f"{name} lse: +inf rows differ"
     assert bool((lse[~finite] == math.inf).all()), f"{name} lse: expected +inf on masked rows"
     assert bool((out[~finite] == 0).all()), f"{name} out: expected 0 on all-masked rows"
-    assert_close(f"{name} lse", lse[finite], ref_lse[finite], torch.float32)
+    assert_close(f"{name} lse", lse[finite], ref_lse[finite], base_lse[finite], torch.float32)
 
 
 def sap_cuda():
@@ -175,7 +182,7 @@ def test_sap_forward_matches_reference(case, dtype):
     B, H, W, C, Ch, (kh, kw), _, _ = case
     out = sap_cuda().sap_fwd(*inputs[:5], kh, kw, H, W, *inputs[5:])
     assert out.dtype == dtype and out.shape == (B, num_windows(H, W, kh, kw), C)
-    assert_close(f"sap {sap_id(case)}", out.cpu(), sap_expected(case, inputs), dtype)
+    assert_close(f"sap {sap_id(case)}", out.cpu(), *sap_expected(case, inputs), dtype)
 
 
 @pytest.mark.gpu
@@ -184,7 +191,7 @@ def test_sap_images_per_chunk(chunk):
     case = (5, 7, 7, 72, 72, (3, 3), True, True)
     inputs = make_sap_inputs(case, torch.float32, "cuda")
     out = sap_cuda().sap_fwd(*inputs[:5], 3, 3, 7, 7, *inputs[5:], images_per_chunk=chunk)
-    assert_close(f"sap chunk {chunk}", out.cpu(), sap_expected(case, inputs), torch.float32)
+    assert_close(f"sap chunk {chunk}", out.cpu(), *sap_expected(case, inputs), torch.float32)
 
 
 @pytest.mark.gpu
@@ -195,7 +202,7 @@ def test_sap_strided_inputs_and_empty_batch():
     w1s = w1.t().contiguous().t()
     w2s = torch.stack([w2, w2], 1)[:, 0]                      # stride 2
     out = sap_cuda().sap_fwd(xs, w1s, b1, w2s, b2, 3, 3, 7, 7, mask, scale)
-    assert_close("sap strided", out.cpu(), sap_expected(case, (x, w1, b1, w2, b2, mask, scale)),
+    assert_close("sap strided", out.cpu(), *sap_expected(case, (x, w1, b1, w2, b2, mask, scale)),
                  torch.float32)
     empty = sap_cuda().sap_fwd(x[:0], w1, b1, w2, b2, 3, 3, 7, 7, None, 1.0)
     assert empty.shape == (0, 9, 72)
@@ -249,7 +256,7 @@ def test_kernels_use_the_current_stream():
         pooled = sap_cuda().sap_fwd(*inputs[:5], 3, 3, 27, 27, *inputs[5:])
     torch.cuda.current_stream().wait_stream(side)
     check_attn("side stream", out, lse, q, k, v, mask, scale)
-    assert_close("sap side stream", pooled.cpu(), sap_expected(sap_case, inputs), torch.bfloat16)
+    assert_close("sap side stream", pooled.cpu(), *sap_expected(sap_case, inputs), torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -795,12 +802,12 @@ def _emu_sap(emu: _Emulated, cases, dtypes=DTYPES) -> None:
             B, H, W, C, Ch, (kh, kw), _, _ = case
             inputs = make_sap_inputs(case, dtype, "cpu")
             out = emu.sap_fwd(*inputs[:5], kh, kw, H, W, *inputs[5:])
-            assert_close(f"emulated sap {sap_id(case)} {dtype}", out, sap_expected(case, inputs),
+            assert_close(f"emulated sap {sap_id(case)} {dtype}", out, *sap_expected(case, inputs),
                          dtype)
         case = (5, 7, 7, 24, 24, (3, 3), True, True)
         inputs = make_sap_inputs(case, dtype, "cpu")
         out = emu.sap_fwd(*inputs[:5], 3, 3, 7, 7, *inputs[5:], images_per_chunk=2)
-        assert_close(f"emulated sap chunked {dtype}", out, sap_expected(case, inputs), dtype)
+        assert_close(f"emulated sap chunked {dtype}", out, *sap_expected(case, inputs), dtype)
         print(f"sap {dtype}: ok", flush=True)
 
 
@@ -845,7 +852,7 @@ def _sanitize_main() -> int:
             inputs = make_sap_inputs(case, dtype, "cuda")
             try:
                 out = sap_cuda().sap_fwd(*inputs[:5], kh, kw, H, W, *inputs[5:])
-                assert_close(f"sap {sap_id(case)} {dtype}", out.cpu(), sap_expected(case, inputs),
+                assert_close(f"sap {sap_id(case)} {dtype}", out.cpu(), *sap_expected(case, inputs),
                              dtype)
             except AssertionError as exc:
                 failures += 1

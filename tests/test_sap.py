@@ -11,8 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import flashsloth_kernels as fk
 from flashsloth_kernels import BackendUnavailableError, SpatialAttentionPool, spatial_attention_pool
 from flashsloth_kernels.sap import op as sap_op
+from flashsloth_kernels.sap import reference as sap_ref
 from flashsloth_kernels.sap.reference import sap_reference
-from flashsloth_kernels.testing import assert_close
+from flashsloth_kernels.testing import assert_close, term_size
 
 SAP = torch.ops.flashsloth.spatial_attention_pool
 
@@ -80,20 +81,90 @@ def _run(backend, inputs, window, grid, grad, **kw):
     return out, torch.autograd.grad(out, present, grad)
 
 
+GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
+
+
+def _mean_term(a, b, n):
+    """max over outputs of the mean absolute term of the sum a @ b (n terms)."""
+    return float((torch.matmul(a, b) / max(1, n)).max()) if a.numel() and b.numel() else 0.0
+
+
+def sap_terms(x, w1, b1, w2, b2, g, kh, kw, H, W, mask=None, scale=1.0):
+    """name -> (size of one summed term, reduction length) of each SAP output, from the float64
+    intermediates (the accumulation floor of flashsloth_kernels.testing): the largest mean
+    absolute term of a sum, with the errors its factors carry in."""
+    x, w1, w2, g = (t.detach().double() for t in (x, w1, w2.reshape(-1), g))
+    b1 = None if b1 is None else b1.detach().double()
+    b2 = None if b2 is None else b2.detach().double().reshape(1)
+    B, N, C = x.shape
+    Ch = w1.shape[0]
+    rows = B * N
+    if B == 0:
+        return {name: (0.0, 1) for name in ("out",) + GRAD_NAMES}
+    z, a, s = sap_ref._scores(x, w1, b1, w2, b2, mask, scale)
+    win = sap_ref._patch_window_index(H, W, kh, kw, x.device)
+    alpha = sap_ref._from_windows(torch.softmax(sap_ref._to_windows(
+        s.unsqueeze(-1), H, W, kh, kw, -math.inf).squeeze(-1), -1), H, W, kh, kw)
+    # exp turns an absolute error of a score (its terms w2_k a_k) into a relative error of alpha
+    E = max(1.0, float(s.abs().max()), float((a.abs() @ w2.abs()).max()) / math.sqrt(Ch))
+    ax = torch.zeros(B, g.shape[1], C, dtype=torch.float64).index_add_(1, win, alpha[..., None] * x.abs())
+    dalpha = (g[:, win] * x).sum(-1)
+    inner = torch.zeros(B, g.shape[1], dtype=torch.float64).index_add_(1, win, alpha * dalpha)
+    ds = alpha * (dalpha - inner[:, win])
+    dsa = ds.abs() * E + alpha * (g[:, win].abs() * x.abs()).sum(-1)     # (B, N)
+    gate = (z > 0).double() * (1 if mask is None else mask * scale)
+    dza = dsa.unsqueeze(-1) * w2.abs() * gate                              # (B, N, Ch)
+    flat = dza.reshape(rows, Ch)
+    return {
+        "out": (float(ax.max()) * E / (kh * kw), kh * kw),
+        "dx": (_mean_term(flat, w1.abs(), Ch), Ch),
+        "dw1": (_mean_term(flat.t(), x.abs().reshape(rows, C), rows), rows),
+        "db1": (float(flat.sum(0).max()) / rows, rows),
+        "dw2": (float((dsa.reshape(rows, 1) * a.abs().reshape(rows, Ch)).sum(0).max()) / rows, rows),
+        "db2": (float(dsa.sum()) / rows, rows),
+    }
+
+
+def check_sap(out, grads, inputs, grad, kh, kw, H, W, mask=None, scale=1.0, names=GRAD_NAMES):
+    """Compare a backend's (out, grads) for ``inputs`` (None entries for absent biases; grads
+    for the tensors of ``names``) with the float64 reference, the baseline being the reference
+    at the inputs' precision (flashsloth_kernels.testing's criterion)."""
+    dtype = inputs[0].dtype
+
+    def run(ts, gr):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+        o = sap_reference(*leaves, kh, kw, H, W, mask, scale)
+        wanted = [t for t, n in zip(leaves, GRAD_NAMES) if t is not None and n in names]
+        if not wanted:
+            return o, []
+        return o, torch.autograd.grad(o, wanted, gr) if o.numel() else [torch.zeros_like(t) for t in wanted]
+
+    ins = list(inputs)
+    ins[3] = ins[3].reshape(-1)
+    ref_out, ref_grads = run([None if t is None else t.double() for t in ins], grad.double())
+    base_out, base_grads = run(ins, grad)
+    terms = sap_terms(*ins, grad, kh, kw, H, W, mask, scale)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close("out", out, ref_out, base_out, dtype, magnitude=terms["out"][0], n=terms["out"][1])
+    present = [n for n, t in zip(GRAD_NAMES, inputs) if t is not None and n in names]
+    assert len(grads) == len(present)
+    for name, g, r, b in zip(present, grads, ref_grads, base_grads):
+        assert g.numel() == r.numel(), name
+        assert_close(name, g.reshape(r.shape), r, b, dtype, magnitude=terms[name][0], n=terms[name][1])
+
+
 def check_against_reference(backend, device, case, dtype, bias=True):
     B, H, W, C, Ch, k = case
+    kh, kw = _window(k)
     inputs = make_inputs(B, H, W, C, Ch, dtype, device, bias=bias)
-    G = math.ceil(H / _window(k)[0]) * math.ceil(W / _window(k)[1])
+    G = math.ceil(H / kh) * math.ceil(W / kw)
     grad = torch.randn(B, G, C, device=device, dtype=dtype)
     out, grads = _run(backend, inputs, k, (H, W), grad)
-    ref_inputs = [None if t is None else t.double() for t in inputs]
-    ref_out, ref_grads = _run("reference", ref_inputs, k, (H, W), grad.double())
     assert out.dtype == dtype and out.shape == (B, G, C)
-    assert_close("out", out, ref_out, dtype)
-    names = [n for n, t in zip(("dx", "dw1", "db1", "dw2", "db2"), inputs) if t is not None]
-    for name, g, r, t in zip(names, grads, ref_grads, [t for t in inputs if t is not None]):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert_close(name, g, r, dtype)
+    for g, t in zip(grads, [t for t in inputs if t is not None]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+    check_sap(out.cpu(), [g.cpu() for g in grads], [None if t is None else t.cpu() for t in inputs],
+              grad.cpu(), kh, kw, H, W)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -141,12 +212,9 @@ def test_dropout_mask_and_partial_grads(backend, device, need):
     grad = torch.randn(B, G, C, device=device)
     wanted = [t for t in tensors if t.requires_grad]
     grads = torch.autograd.grad(out, wanted, grad)
-    ref_t = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-    ref = sap_reference(*ref_t, kh, kw, H, W, mask, scale)
-    ref_grads = torch.autograd.grad(ref, [t for t in ref_t if t.requires_grad], grad.double())
-    assert_close("out", out, ref, torch.float32)
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert_close(f"grad[{i}]", g, r, torch.float32)
+    names = [n for n, t in zip(GRAD_NAMES, tensors) if t.requires_grad]
+    check_sap(out.cpu(), [g.cpu() for g in grads], [t.detach().cpu() for t in tensors], grad.cpu(),
+              kh, kw, H, W, mask.cpu(), scale, names=names)
 
 
 def test_public_dropout_uses_one_mask_for_forward_and_backward():
@@ -154,14 +222,11 @@ def test_public_dropout_uses_one_mask_for_forward_and_backward():
     x, w1, b1, w2, b2 = [t.requires_grad_() for t in make_inputs(B, H, W, C, Ch)]
     torch.manual_seed(123)
     out = spatial_attention_pool(x, w1, b1, w2, b2, dropout_p=p)
-    grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2, b2))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w1, b1, w2, b2), g)
     torch.manual_seed(123)
     mask = torch.empty(B, H * W, Ch, dtype=torch.bool).bernoulli_(1 - p)
-    ref = sap_reference(x, w1, b1, w2.reshape(Ch), b2, 3, 3, H, W, mask, 1 / (1 - p))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (x, w1, b1, w2, b2))
-    assert_close("out", out, ref, torch.float32)
-    for name, g, r in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, ref_grads):
-        assert_close(name, g, r, torch.float32)
+    check_sap(out, grads, (x, w1, b1, w2, b2), g, 3, 3, H, W, mask, 1 / (1 - p))
     # and dropout really drops: without it the output differs
     assert not torch.allclose(out, spatial_attention_pool(x, w1, b1, w2, b2))
 
@@ -189,12 +254,46 @@ def test_reference_equals_window_loop(case, with_mask):
     scale = 1 / 0.7 if with_mask else 1.0
     ref = sap_reference(x, w1, b1, w2.reshape(Ch), b2, kh, kw, H, W, mask, scale)
     loop = loop_sap(x, w1, b1, w2, b2, kh, kw, H, W, mask, scale)
-    assert_close("out", ref, loop, torch.float64)
     g = torch.randn_like(ref)
-    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"),
+    terms = sap_terms(x, w1, b1, w2, b2, g, kh, kw, H, W, mask, scale)
+    # both float64: the bound is the floor (the loop is its own baseline)
+    assert_close("out", ref, loop, loop, torch.float64, magnitude=terms["out"][0], n=terms["out"][1])
+    for name, a, b in zip(GRAD_NAMES,
                           torch.autograd.grad(ref, (x, w1, b1, w2, b2), g),
                           torch.autograd.grad(loop, (x, w1, b1, w2, b2), g)):
-        assert_close(name, a, b, torch.float64)
+        assert_close(name, a, b.reshape(a.shape), b.reshape(a.shape), torch.float64,
+                     magnitude=terms[name][0], n=terms[name][1])
+
+
+# (H, W, window): windows larger than the grid in one or both directions
+BIG_WINDOWS = [(1, 1, 3), (2, 5, 3), (2, 5, 4), (2, 5, (1, 7)), (3, 2, (5, 1))]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("H,W,window", BIG_WINDOWS, ids=lambda v: str(v).replace(" ", ""))
+def test_window_larger_than_grid_gives_partial_windows(backend, device, H, W, window):
+    """The original loop's rule: a window larger than the grid holds the patches that exist.
+    Through the public function (which clamps the window to the grid) and through the
+    registered op with the window unclamped, against the loop and the float64 reference."""
+    B, C, Ch = 2, 8, 12
+    kh, kw = _window(window)
+    x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch, device=device)
+    G = math.ceil(H / kh) * math.ceil(W / kw)
+    loop = loop_sap(*(t.cpu().double() for t in (x, w1, b1, w2, b2)), kh, kw, H, W)
+    assert loop.shape == (B, G, C)
+    out = spatial_attention_pool(x, w1, b1, w2, b2, window, (H, W), backend=backend)
+    assert out.shape == (B, G, C)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2.reshape(Ch), b2)]
+    raw = SAP(*leaves, kh, kw, H, W, None, 1.0, backend)
+    g = torch.randn_like(raw)
+    # the public function (clamped window): forward only
+    check_sap(out.cpu(), [], [t.detach().cpu() for t in leaves], g.cpu(), kh, kw, H, W, names=())
+    grads = torch.autograd.grad(raw, leaves, g)
+    check_sap(raw.cpu(), [t.cpu() for t in grads], [t.detach().cpu() for t in leaves], g.cpu(),
+              kh, kw, H, W)
+    # the float64 reference is the loop
+    ref = sap_reference(*(t.detach().cpu().double() for t in leaves), kh, kw, H, W)
+    torch.testing.assert_close(ref, loop, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -205,11 +304,11 @@ def test_extreme_scores_stay_finite(backend, device):
     w2 = torch.sign(torch.randn(1, Ch, device=device)) * 1e4
     x = x.requires_grad_()
     out = spatial_attention_pool(x, w1, b1, w2, b2, backend=backend)
-    (dx,) = torch.autograd.grad(out.sum(), x)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
     assert torch.isfinite(out).all() and torch.isfinite(dx).all()
-    ref = sap_reference(x.double(), w1.double(), b1.double(), w2.double().reshape(Ch), b2.double(),
-                        3, 3, H, W)
-    assert_close("out", out, ref, torch.float32)
+    check_sap(out.cpu(), [dx.cpu()], [t.detach().cpu() for t in (x, w1, b1, w2, b2)], g.cpu(),
+              3, 3, H, W, names=("dx",))
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -362,7 +461,8 @@ BAD_INPUTS = {
     "grid-mismatch": (lambda x, w1, b1, w2, b2: dict(grid_size=(4, 8)), ValueError, r"H \* W = 4 \* 8 = 32 must equal N = 36"),
     "grid-vs-4d": (lambda x, w1, b1, w2, b2: dict(x=x.reshape(2, 6, 6, 8), grid_size=(4, 9)), ValueError, r"grid_size: got \(4, 9\)"),
     "window-zero": (lambda x, w1, b1, w2, b2: dict(window=0), ValueError, "window: expected an int >= 1"),
-    "window-too-big": (lambda x, w1, b1, w2, b2: dict(window=(2, 7)), ValueError, r"window: \(2, 7\) is larger than the \(6, 6\) grid"),
+    "grid-int-vs-4d": (lambda x, w1, b1, w2, b2: dict(x=x.reshape(2, 6, 6, 8), grid_size=5), ValueError, r"grid_size: got 5 but x of shape \(2, 6, 6, 8\) is a \(6, 6\) grid"),
+    "grid-float": (lambda x, w1, b1, w2, b2: dict(grid_size=6.0), TypeError, "grid_size: expected an int or a pair"),
     "window-type": (lambda x, w1, b1, w2, b2: dict(window=2.5), TypeError, "window: expected an int"),
     "window-triple": (lambda x, w1, b1, w2, b2: dict(window=(1, 2, 3)), ValueError, "window: expected an int or a pair"),
     "dropout-one": (lambda x, w1, b1, w2, b2: dict(dropout_p=1.0), ValueError, r"dropout_p: expected a float in \[0, 1\)"),
@@ -383,3 +483,27 @@ def test_bad_input_raises_clear_error(name):
 def test_package_exports():
     assert fk.spatial_attention_pool is spatial_attention_pool
     assert fk.SpatialAttentionPool is SpatialAttentionPool
+
+
+def test_cpu_deterministic_across_thread_counts():
+    """Run to run bitwise; across thread counts bitwise for every output but dW1 (a library
+    GEMM's reduction split may follow the thread count, see sap/fused_cpu.py), which must
+    still meet the accuracy criterion."""
+    B, H, W, C, Ch = 3, 27, 27, 72, 72
+    inputs = make_inputs(B, H, W, C, Ch)
+    grad = torch.randn(B, 81, C)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            out, grads = _run("cpu", inputs, 3, (H, W), grad)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[3])), "not reproducible run to run"
+    for other in results[1:3]:
+        for name, a, b in zip(("out",) + GRAD_NAMES, results[0], other):
+            if name != "dw1":
+                assert torch.equal(a, b), name
+    check_sap(results[2][0], list(results[2][1:]), inputs, grad, 3, 3, H, W)

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -78,21 +79,68 @@ struct Kernels {
   BwdFn bwd;
 };
 
-Kernels pick_kernels() {
+// Every variant compiled into this build, widest first, and whether this CPU can run it.
+struct Variant {
+  Kernels k;
+  bool supported;
+};
+
+const std::vector<Variant>& variants() {
+  static const std::vector<Variant> v = [] {
+    std::vector<Variant> r;
 #if FS_ATTN_X86_VARIANTS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return {"avx512", avx512::fwd_unit, avx512::bwd_unit};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", avx2::fwd_unit, avx2::bwd_unit};
+    __builtin_cpu_init();
+    const bool fma = __builtin_cpu_supports("fma"), avx2 = __builtin_cpu_supports("avx2");
+    r.push_back({{"avx512", avx512::fwd_unit, avx512::bwd_unit},
+                 __builtin_cpu_supports("avx512f") && avx2 && fma});
+    r.push_back({{"avx2", avx2::fwd_unit, avx2::bwd_unit}, avx2 && fma});
 #endif
-  return {"baseline", baseline::fwd_unit, baseline::bwd_unit};
+    r.push_back({{"baseline", baseline::fwd_unit, baseline::bwd_unit}, true});
+    return r;
+  }();
+  return v;
+}
+
+// The variant in use: the widest this CPU supports unless set_isa chose another (the Python
+// side applies FLASHSLOTH_CPU_ISA, read in flashsloth_kernels/_env.py, before each call).
+std::atomic<const Kernels*> g_kernels{nullptr};
+
+const Kernels* widest_supported() {
+  for (const Variant& v : variants())
+    if (v.supported) return &v.k;
+  return &variants().back().k;
 }
 
 const Kernels& kernels() {
-  static const Kernels k = pick_kernels();
-  return k;
+  const Kernels* k = g_kernels.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    k = widest_supported();
+    g_kernels.store(k, std::memory_order_release);
+  }
+  return *k;
+}
+
+// "auto" or a variant name; an unknown name or a variant this CPU cannot run is an error
+// naming the variants it can. Returns the variant now in use.
+std::string set_attention_isa(const std::string& isa) {
+  const Kernels* chosen = nullptr;
+  std::string runnable;
+  for (const Variant& v : variants()) {
+    if (v.supported) runnable += std::string(runnable.empty() ? "" : ", ") + v.k.isa;
+    if (isa == v.k.isa && v.supported) chosen = &v.k;
+  }
+  if (isa == "auto") chosen = widest_supported();
+  TORCH_CHECK(chosen != nullptr, "query_patch_attention: instruction set '", isa,
+              "' is not available on this CPU / build; expected auto or one of: ", runnable);
+  g_kernels.store(chosen, std::memory_order_release);
+  return chosen->isa;
+}
+
+std::vector<std::string> supported_attention_isas() {
+  std::vector<std::string> r;
+  for (const Variant& v : variants())
+    if (v.supported) r.emplace_back(v.k.isa);
+  return r;
 }
 
 // Parallel tasks wanted from the key splits when B * H alone is small. A constant, not the
@@ -343,6 +391,8 @@ std::string attention_isa() { return kernels().isa; }
 // kernels (csrc/attention/attention_cuda.cpp the CUDA forward). The ISA query is CPU-only.
 TORCH_LIBRARY_FRAGMENT(flashsloth, m) {
   m.def("query_patch_attention_isa() -> str", &attention_isa);
+  m.def("query_patch_attention_set_isa(str isa) -> str", &set_attention_isa);
+  m.def("query_patch_attention_supported_isas() -> str[]", &supported_attention_isas);
 }
 
 TORCH_LIBRARY_IMPL(flashsloth, CPU, m) {

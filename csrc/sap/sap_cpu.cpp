@@ -71,7 +71,9 @@ inline acc_t row_score(const T* z, const acc_t* b1, const acc_t* w2s, const bool
   acc_t acc[kLanes] = {};
   auto term = [&](int64_t k) {
     const acc_t v = static_cast<acc_t>(z[k]) + b1[k];
-    acc_t a = v > acc_t(0) ? v : acc_t(0);
+    // relu as torch.relu: NaN stays NaN (the numeric contract; `v > 0 ? v : 0` would turn a
+    // NaN in w1 / b1 / x into a finite score). GCC lowers this to a NaN-propagating max.
+    acc_t a = v < acc_t(0) ? acc_t(0) : v;
     if constexpr (kMasked) a *= static_cast<acc_t>(m[k]);
     return w2s[k] * a;
   };
@@ -233,7 +235,7 @@ at::ScalarType gemm_dtype(at::ScalarType dt, bool lowp_gemm) {
 }
 
 template <bool kMasked, typename T, typename acc_t>
-void fwd_windows(const T* z, const T* x, const bool* mask, const Scorer<acc_t>& sc,
+void fwd_windows(const acc_t* z, const T* x, const bool* mask, const Scorer<acc_t>& sc,
                  const Windows& win, int64_t B, int64_t N, int64_t C, int64_t Ch, T* out) {
   const int64_t wmax = win.kh * win.kw;
   at::parallel_for(0, B * win.G, grain_for(wmax * (Ch + C)), [&](int64_t begin, int64_t end) {
@@ -261,21 +263,26 @@ void fwd_windows(const T* z, const T* x, const bool* mask, const Scorer<acc_t>& 
   });
 }
 
+// T: x's dtype. The hidden activations z = x W1^T are float32 (float64 for float64) whatever T
+// is (the numeric contract: a 16-bit z overflows at 65504 in float16 and rounds the scores
+// twice), so 16-bit x is converted once for an fp32 GEMM (ATen has no CPU GEMM with 16-bit
+// operands and a float32 output); the weighted sum reads x in its own dtype.
 template <typename T>
-Tensor fwd_impl(const Tensor& xg, const Tensor& w1g, const std::optional<Tensor>& b1,
+Tensor fwd_impl(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
                 const Tensor& w2, const std::optional<Tensor>& b2, const Windows& win,
                 const std::optional<Tensor>& mask, double scale) {
   using acc_t = at::opmath_type<T>;
-  const int64_t B = xg.size(0), N = xg.size(1), C = xg.size(2), Ch = w1g.size(0);
+  const at::ScalarType acc_st = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Ch = w1.size(0);
   // b1 stays out of the GEMM: the epilogue adds it, which spares a broadcast copy into z.
-  Tensor z = at::mm(xg.view({B * N, C}), w1g.t());
-  Tensor out = at::empty({B, win.G, C}, xg.options());
+  Tensor z = at::mm(x.to(acc_st).view({B * N, C}), w1.to(acc_st).t());
+  Tensor out = at::empty({B, win.G, C}, x.options());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
   const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
   auto run = [&](auto masked) {
-    fwd_windows<decltype(masked)::value, T, acc_t>(z.const_data_ptr<T>(), xg.const_data_ptr<T>(),
-                                                   mp, sc, win, B, N, C, Ch,
-                                                   out.mutable_data_ptr<T>());
+    fwd_windows<decltype(masked)::value, T, acc_t>(z.const_data_ptr<acc_t>(),
+                                                   x.const_data_ptr<T>(), mp, sc, win, B, N, C,
+                                                   Ch, out.mutable_data_ptr<T>());
   };
   if (mp != nullptr) run(std::true_type{}); else run(std::false_type{});
   return out;
@@ -285,18 +292,17 @@ Tensor sap_fwd_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor
                    const Tensor& w2, const std::optional<Tensor>& b2, int64_t kh, int64_t kw,
                    int64_t H, int64_t W, const std::optional<Tensor>& dropout_mask,
                    double dropout_scale, bool lowp_gemm) {
+  (void)lowp_gemm;  // the forward GEMM is always float32 / float64 (see fwd_impl)
   check_inputs(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask);
   const Windows win(H, W, kh, kw);
-  const auto gd = gemm_dtype(x.scalar_type(), lowp_gemm);
-  Tensor xg = x.to(gd).contiguous();
-  Tensor w1g = w1.to(gd).contiguous();
+  Tensor xc = x.contiguous();
   std::optional<Tensor> mask;
   if (dropout_mask.has_value()) mask = dropout_mask->contiguous();
   Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd, "sap_fwd_cpu", [&] {
-    out = fwd_impl<scalar_t>(xg, w1g, b1, w2, b2, win, mask, dropout_scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_fwd_cpu", [&] {
+    out = fwd_impl<scalar_t>(xc, w1, b1, w2, b2, win, mask, dropout_scale);
   });
-  return out.to(x.scalar_type());
+  return out;
 }
 
 // Backward pass 2 over rows [r0, r1): dz = ds * w2 * mask * scale * [z + b1 > 0], written over z

@@ -16,9 +16,12 @@ to a per-key-block fp32 buffer; ``_attn_bwd_dq_reduce_kernel`` sums those shares
 order. No float atomics, so the gradients are deterministic. delta = rowsum(dO * out) is
 recomputed by each program from the (tiny) out and dO rows instead of costing a launch.
 
-Masked keys (key_padding_mask False, or past the end) get probability 0; a row whose keys
-are all masked gets out = 0 and lse = +inf, and never a NaN: exponentials are always taken
-against a finite reference (0 when the running max is still -inf).
+Numerics follow docs/contract.md. Masked keys (key_padding_mask False, or past the end) get
+probability 0 and their k / v rows are never read (loaded as 0), so NaN or garbage there cannot
+reach any output; a row whose keys are all masked gets out = 0 and lse = +inf, and never a NaN:
+exponentials are always taken against a finite reference (0 when the running max is still
+-inf). A non-finite score at an attended key becomes NaN (s + 0 * s) and makes its row's out
+and lse NaN.
 
 Under TRITON_INTERPRET=1 the same code runs on CPU tensors (fp32 / fp16 only; the
 interpreter's bf16 arithmetic is wrong).
@@ -161,14 +164,18 @@ def _attn_fwd_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs_n < end
+        if HAS_MASK:
+            attend = tl.load(m_base + offs_n * stride_mn, mask=key_ok, other=0)
+            key_ok = key_ok & (attend != 0)
+        # masked keys' rows are never read (loaded as 0): whatever they hold cannot reach out
         k = tl.load(k_base + (offs_n * stride_kn * K_ALIGN)[:, None] + offs_dk[None, :] * stride_kd,
                     mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
         v = tl.load(v_base + (offs_n * stride_vn * V_ALIGN)[:, None] + offs_dv[None, :] * stride_vd,
                     mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        if HAS_MASK:
-            attend = tl.load(m_base + offs_n * stride_mn, mask=key_ok, other=0)
-            key_ok = key_ok & (attend != 0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # a non-finite score (q.k overflow, inf / NaN in q or k) at an attended key turns into
+        # NaN, which then flows through l and acc: the row's out and lse become NaN (contract)
+        s = s + 0.0 * s
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Exponents are taken against a finite reference: while every key seen so far is
@@ -180,20 +187,21 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
+    # a row with no attended key has l = 0 exactly; a NaN l (non-finite score) stays NaN
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse2 = m_i + tl.log2(l_safe)
     if SPLIT:
         row = (pid_bh.to(tl.int64) * num_splits + pid_s) * Lq + offs_m
-        tl.store(PartLse + row, tl.where(has_keys, lse2, float("-inf")), mask=row_ok)
+        tl.store(PartLse + row, tl.where(empty, float("-inf"), lse2), mask=row_ok)
         tl.store(PartO + row[:, None] * HEAD_DV + offs_dv[None, :], o,
                  mask=row_ok[:, None] & dv_ok[None, :])
     else:
         o_ptrs = (Out + b * stride_ob + h * stride_oh
                   + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-        lse = tl.where(has_keys, lse2 * 0.6931471805599453, float("inf"))
+        lse = tl.where(empty, float("inf"), lse2 * 0.6931471805599453)
         tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
 
@@ -228,8 +236,8 @@ def _attn_fwd_combine_kernel(
     big = tl.max(lse_parts, 0)
     big_ref = tl.where(big == float("-inf"), 0.0, big)
     total = tl.sum(tl.exp2(lse_parts - big_ref[None, :]), 0)
-    has_keys = total > 0.0
-    inv_total = 1.0 / tl.where(has_keys, total, 1.0)
+    empty = total == 0.0  # NaN (a split with a non-finite score) is not empty: it propagates
+    inv_total = 1.0 / tl.where(empty, 1.0, total)
 
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     for s in range(0, num_splits):
@@ -243,9 +251,8 @@ def _attn_fwd_combine_kernel(
     o_ptrs = (Out + b * stride_ob + h * stride_oh
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    lse = tl.where(has_keys,
-                   (big_ref + tl.log2(tl.where(has_keys, total, 1.0))) * 0.6931471805599453,
-                   float("inf"))
+    lse = tl.where(empty, float("inf"),
+                   (big_ref + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
     tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
 
 
@@ -285,15 +292,16 @@ def _attn_bwd_dkdv_kernel(
     dv_ok = offs_dv < HEAD_DV
     key_ok = offs_n < Lk
 
+    if HAS_MASK:
+        attend = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
+        key_ok = key_ok & (attend != 0)
+    # masked keys' rows load as 0: their dk / dv are exactly 0 and dq never sees them
     k = tl.load(K + (b * stride_kb + h * stride_kh) * K_ALIGN
                 + (offs_n * stride_kn * K_ALIGN)[:, None] + offs_dk[None, :] * stride_kd,
                 mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(V + (b * stride_vb + h * stride_vh) * V_ALIGN
                 + (offs_n * stride_vn * V_ALIGN)[:, None] + offs_dv[None, :] * stride_vd,
                 mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-    if HAS_MASK:
-        attend = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=key_ok, other=0)
-        key_ok = key_ok & (attend != 0)
 
     q_base = Q + b * stride_qb + h * stride_qh
     o_base = Out + b * stride_ob + h * stride_oh

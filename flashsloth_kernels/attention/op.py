@@ -144,14 +144,7 @@ fused.define_kernels(
 
 
 def _check_scale(scale, Dk: int) -> float:
-    if scale is None:
-        return Dk ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float > 0 or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise ValueError(f"scale: expected a finite float > 0, got {scale}")
-    return scale
+    return _checks.attention_scale("scale", scale, Dk)
 
 
 def _check_inputs(q, k, v, key_padding_mask) -> None:

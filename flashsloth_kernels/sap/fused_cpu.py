@@ -10,14 +10,23 @@ fuses the softmax and activation backward into one pass, and hands dW1 and dx to
 (Measured on a 2-core CPU: running the GEMM per strip of windows, so that z stays in cache, was
 7-25% slower than one big GEMM plus the pass, so the op does the latter.)
 
-Numerics: elementwise work in float32 (float64 for float64 inputs). Determinism: every sum of
-ours runs in a fixed order, independent of the thread count (the GEMMs are MKL's / oneDNN's;
-all outputs were bitwise equal at 1 and 2 threads here). GEMM dtypes: float32 / float64 inputs
-use their own. For bfloat16 (float16)
-inputs on a CPU where oneDNN has a fast 16-bit GEMM, the forward GEMM and the backward's dW1 / dx
-GEMMs run in that dtype (fp32 accumulation, 16-bit outputs) while the backward recomputes z in
-float32 (its window softmax backward cancels too much for a 16-bit z); elsewhere the operands are
-upcast and every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower.
+Numerics (docs/contract.md): elementwise work and the hidden activations z in float32 (float64
+for float64 inputs), one rounding to x's dtype at the end. The forward GEMM always runs in
+float32 / float64 (16-bit x is converted once: ATen has no CPU GEMM with 16-bit operands and a
+float32 output, and a 16-bit z overflows in float16 at 65504). For bfloat16 (float16) inputs on a
+CPU where oneDNN has a fast 16-bit GEMM (and FLASHSLOTH_CPU_ISA does not force a variant below
+AVX-512), the backward's dW1 / dx GEMMs run in that dtype (fp32 accumulation) with dz rounded to
+it as their operand; elsewhere every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM
+is 5-70x slower.
+
+Determinism: run to run, every output is bitwise identical. Every sum of ours runs in an order
+fixed by the problem, never by the thread count; the GEMMs are MKL's / oneDNN's, and a library
+GEMM may split a long reduction (dW1 = dz^T x sums over all B * N rows) differently at another
+thread count. Measured on the 2-core Sapphire Rapids test machine, every output was bitwise equal
+at 1, 2, 3, 4 and 8 threads (B = 3, 27 x 27, C = 1152, fp32 and bf16;
+tests/test_sap.py::test_cpu_deterministic_across_thread_counts), but dW1 differing in the last
+bits between thread counts has been seen on another AVX-512 machine (2.7e-5 at B = 3): equality
+across thread counts is promised for everything but dW1 (and whatever depends on it).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _compat, _ext
+from .. import _compat, _env, _ext
 
 Tensor = torch.Tensor
 
@@ -34,8 +43,9 @@ _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
 
 
 def _lowp_gemm(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has a fast GEMM in ``dtype`` (bfloat16 / float16) on this CPU."""
-    return _compat.mkldnn_fast_gemm(dtype)
+    """Whether the backward's GEMMs may run in ``dtype`` (bfloat16 / float16): oneDNN has a fast
+    GEMM in it on this CPU, and FLASHSLOTH_CPU_ISA does not force a variant below AVX-512."""
+    return _env.cpu_isa() in ("auto", "avx512") and _compat.mkldnn_fast_gemm(dtype)
 
 
 def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],

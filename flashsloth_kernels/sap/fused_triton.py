@@ -39,11 +39,12 @@ The backward stores a rather than recomputing the GEMM a second time for dz: at 
 bf16, writing and re-reading (M, Ch) values moves 215 MB (~65 us at ~3.3 TB/s), while the
 GEMM is 124 GFLOP (~160 us at ~790 TFLOP/s) (derived, not measured).
 
-Precision: tl.dot accumulates in fp32; fp32 inputs use input_precision="ieee" (tf32 would
-cost ~3e-4 relative error). The stored activation and dz are in x's dtype (as any 16-bit
-autograd graph would keep them); all softmax and reduction math is fp32. b2 shifts every
-score of a window equally, so it does not change the softmax: the kernels never read it, and
-its gradient (sum of ds) is zero up to rounding.
+Precision (docs/contract.md): tl.dot accumulates in fp32; fp32 inputs use
+input_precision="ieee" (tf32 would cost ~3e-4 relative error). The stored activation and dz
+are fp32 and all softmax and reduction math is fp32; for 16-bit x, dz is rounded to x's dtype
+only as the operand of the two gradient GEMMs. b2 shifts every score of a window equally, so
+it cancels in the softmax, but it is added (to slot 0 of the partial scores) so that a NaN or
+inf b2 poisons the output as the formula says; its gradient (sum of ds) is zero up to rounding.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors with one small config (the
 interpreter accepts no multi-config autotuning without a GPU driver).
@@ -184,18 +185,21 @@ def _sap_fwd_kernel(
 
     if HAS_B1:
         acc += tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    act = tl.maximum(acc, 0.0)
+    # relu as torch.relu: NaN stays NaN (tl.maximum may drop it; numeric contract)
+    act = tl.where(acc < 0.0, 0.0, acc)
     if HAS_MASK:
         m_ptrs = mask_ptr + rows[:, None].to(tl.int64) * Ch + cols[None, :]
         keep = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-        act = tl.where(keep != 0, act * dropout_scale, 0.0)
+        # a multiply, as the formula says (a select would turn a NaN activation into 0)
+        act = act * (keep != 0).to(tl.float32) * dropout_scale
     if STORE_ACT:
         a_ptrs = act_ptr + rows[:, None].to(tl.int64) * Ch + cols[None, :]
         tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    # columns past Ch (finite duplicates of wrapped ones) load w2 = 0 and contribute nothing
+    # columns past Ch are duplicates of wrapped ones: dropped by a select, not by w2 = 0 (an
+    # inf activation times 0 would be NaN)
     w2 = tl.load(w2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    score = tl.sum(act * w2[None, :], axis=1)
+    score = tl.sum(tl.where(col_ok[None, :], act * w2[None, :], 0.0), axis=1)
 
     slot0 = pid_n * (BLOCK_N // SLOT)
     tl.store(s_part_ptr + slot0.to(tl.int64) * M + rows, score, mask=row_ok)
@@ -355,11 +359,11 @@ def _target_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-def _scores(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+def _scores(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
             dropout_mask: Optional[Tensor], dropout_scale: float,
             act: Optional[Tensor] = None) -> Tensor:
-    """Partial scores s_part (cdiv(Ch, SLOT), B*N) fp32 (sum over dim 0 = scores without b2).
-    With ``act`` ((B*N, Ch), x's dtype) also writes the activations into it."""
+    """Partial scores s_part (cdiv(Ch, SLOT), B*N) fp32 (sum over dim 0 = the scores, b2 in
+    slot 0). With ``act`` ((B*N, Ch) fp32) also writes the activations into it."""
     B, N, C = x.shape
     Ch = w1.shape[0]
     M = B * N
@@ -384,6 +388,10 @@ def _scores(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
         HAS_B1=b1 is not None, HAS_MASK=mask is not None, STORE_ACT=act is not None,
         DOT_PRECISION=_dot_precision(x.dtype), SLOT=_SLOT,
     )
+    if b2 is not None:
+        # b2 cancels in the softmax mathematically, but the contract adds it: a NaN / inf b2
+        # poisons every score, as in the reference
+        s_part[0].add_(b2.reshape(()).to(torch.float32))
     return s_part
 
 
@@ -414,15 +422,16 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
             dropout_scale: float) -> Tensor:
     """Forward of the Triton backend: x (B, N, C) -> (B, G, C) in x's dtype.
 
-    Same semantics as reference.sap_reference_fwd. b2 is accepted for the common signature
-    and ignored: it shifts every score of a window equally, which the softmax cancels.
+    Same semantics as reference.sap_reference_fwd (b2 is added to every score: it cancels in
+    the softmax, but a NaN / inf b2 must still poison the output, as the contract says).
     Launches: the scorer GEMM and the pooling kernel.
     """
     with _on_device(x):
         B, N, C = x.shape
         Gh, Gw = triton.cdiv(H, kh), triton.cdiv(W, kw)
         G = Gh * Gw
-        s_part = _scores(x, w1, _vec(b1, x.dtype), _vec(w2, x.dtype), dropout_mask, dropout_scale)
+        s_part = _scores(x, w1, _vec(b1, x.dtype), _vec(w2, x.dtype), b2, dropout_mask,
+                         dropout_scale)
         out = torch.empty((B, G, C), dtype=x.dtype, device=x.device)
         win_p, block_c, num_warps = _pool_meta(kh, kw, C)
         _sap_fwd_pool_kernel[(B * G,)](
@@ -442,7 +451,8 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     grad_out: (B, G, C). Returns (dx (B, N, C), dw1 (Ch, C), db1 (Ch,), dw2 (Ch,), db2 (1,)),
     each in its input's dtype; dx is empty unless need_x, the weight gradients are empty
     unless need_w. db1 and db2 are returned even when b1 / b2 is None (the op drops them).
-    Scratch: one (B*N, Ch) buffer in x's dtype, freed on return.
+    Scratch: one (B*N, Ch) fp32 buffer (plus its copy in x's dtype for 16-bit x), freed on
+    return.
     Launches: scorer GEMM (recompute), window backward, dz + reductions, then cuBLAS for
     dW1 and dx, and three small sums over the reduction partials.
     """
@@ -460,8 +470,9 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
         grad_out = grad_out.to(x.dtype).contiguous()
 
         # 1. recompute: scores, and the activations kept for dz / dw2
-        act = torch.empty((M, Ch), dtype=x.dtype, device=dev)
-        s_part = _scores(x, w1c, b1c, w2c, dropout_mask, dropout_scale, act=act)
+        # (fp32: a 16-bit activation would overflow at 65504 in float16 and round dw2's terms)
+        act = torch.empty((M, Ch), dtype=torch.float32, device=dev)
+        s_part = _scores(x, w1c, b1c, w2c, b2, dropout_mask, dropout_scale, act=act)
 
         # 2. window softmax backward: ds, and the direct term of dx
         ds = torch.empty((M,), dtype=torch.float32, device=dev)
@@ -484,7 +495,8 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
             act, ds, w2c, part, M, Ch, rows_per_split, scale,
             NEED_W=need_w, BLOCK_M=_DZ_BLOCK_M, BLOCK_N=_DZ_BLOCK_N, num_warps=4,
         )
-        dz = act
+        # dz is an operand of the two GEMMs below, which run in x's dtype (16-bit tensor cores)
+        dz = act if act.dtype == x.dtype else act.to(x.dtype)
 
         # 4. the two gradient GEMMs through the vendor BLAS
         if need_x:

@@ -173,9 +173,9 @@ def _square_side(N: int) -> int:
 def _grid(x: Tensor, grid_size) -> Tuple[int, int]:
     if x.dim() == 4:
         H, W = x.shape[1], x.shape[2]
-        if grid_size is not None and tuple(_checks.int_pair("grid_size", grid_size)) != (H, W):
-            raise ValueError(f"grid_size: got {tuple(grid_size)} but x of shape {tuple(x.shape)} "
-                             f"is a ({H}, {W}) grid")
+        if grid_size is not None and _checks.int_pair("grid_size", grid_size) != (H, W):
+            raise ValueError(f"grid_size: got {grid_size!r} but x of shape {tuple(x.shape)} "
+                             f"is a ({H}, {W}) grid (grid_size may be omitted for 4-D x)")
         return H, W
     N = x.shape[1]
     if grid_size is None:
@@ -210,7 +210,8 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
         w1: (Ch, C) first scorer Linear's weight; b1: (Ch,) or None.
         w2: (1, Ch) or (Ch,) second scorer Linear's weight; b2: (1,), 0-dim or None.
         window: int or (kh, kw): non-overlapping windows, row-major; edge windows are partial
-            when the grid is not a multiple of the window.
+            when the grid is not a multiple of the window, and a window larger than the grid
+            gives partial windows (a 1x1 grid with window 3: one window of one patch).
         grid_size: (H, W) for 3-D x; None means a square grid (N must be a perfect square).
         dropout_p: dropout on the scorer's hidden activations, applied when > 0 (the backward
             reuses the same mask). Modules pass their p only in training mode.
@@ -252,8 +253,11 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
         raise ValueError(f"b2: expected shape (1,) or a 0-dim tensor, got {tuple(b2.shape)}")
     H, W = _grid(x, grid_size)
     kh, kw = _checks.int_pair("window", window)
-    if H != SQUARE and (kh > H or kw > W):
-        raise ValueError(f"window: ({kh}, {kw}) is larger than the ({H}, {W}) grid")
+    # A window larger than the grid is one partial window along that side (a 1x1 grid with
+    # window 3 is one window of one patch): the same partition as a window of the grid's size,
+    # which every backend also handles unclamped.
+    if H != SQUARE:  # a square grid read from N at run time: the op handles it unclamped
+        kh, kw = min(kh, H), min(kw, W)
     p = _checks.probability("dropout_p", dropout_p)
     requested = fused.requested(backend)
     needs_grad = torch.is_grad_enabled() and any(

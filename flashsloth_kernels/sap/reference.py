@@ -7,8 +7,17 @@ Shapes (after the public function has normalised its arguments):
 Math, per patch i:  z_i = W1 x_i + b1,  a_i = relu(z_i) * m_i * scale,  s_i = w2 . a_i + b2.
 Per window g:       alpha = softmax(s over g's patches),  out_g = sum_i alpha_i x_i.
 Windows are kh x kw, non-overlapping, row-major; edge windows hold only the patches
-that exist. Everything after the inputs runs in fp32 (float64 for float64 inputs);
-the output is cast to x's dtype.
+that exist, and a window larger than the grid gives partial windows (a 1x1 grid with
+window 3 is one window of one patch).
+
+Numeric contract (docs/contract.md; every backend follows it):
+* Every intermediate (z, a, s, alpha, the weighted sum, all of the backward) is fp32 for
+  fp16 / bf16 / fp32 inputs (float64 for float64); the output is rounded once to x's dtype.
+  No 16-bit intermediate: a float16 z would overflow at 65504.
+* NaN and inf propagate as IEEE arithmetic of this formula does: relu(NaN) = NaN, and b2 is
+  added even though it cancels in the softmax. NaN / inf in one patch of x poisons exactly
+  that patch's window (its score and its weighted sum); NaN in w1 / b1 / w2 / b2 makes every
+  output NaN.
 """
 
 from __future__ import annotations
@@ -34,9 +43,9 @@ def _to_windows(t: Tensor, H: int, W: int, kh: int, kw: int, fill: float) -> Ten
     """(B, H*W, *rest) -> (B, G, kh*kw, *rest), padding partial windows with ``fill``."""
     B, rest = t.shape[0], t.shape[2:]
     Gh, Gw = math.ceil(H / kh), math.ceil(W / kw)
-    t = t.reshape(B, H, W, -1)
+    t = t.reshape(B, H, W, math.prod(rest))  # (not -1: B may be 0)
     t = F.pad(t, (0, 0, 0, Gw * kw - W, 0, Gh * kh - H), value=fill)
-    t = t.reshape(B, Gh, kh, Gw, kw, -1).permute(0, 1, 3, 2, 4, 5)
+    t = t.reshape(B, Gh, kh, Gw, kw, math.prod(rest)).permute(0, 1, 3, 2, 4, 5)
     return t.reshape(B, Gh * Gw, kh * kw, *rest)
 
 
