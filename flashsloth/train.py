@@ -52,7 +52,6 @@ from .training import (
     latest_checkpoint,
     load_model_state,
     main,
-    make_autocast_safe,
     plot_loss,
     random_batch,
     read_metrics,
@@ -78,7 +77,7 @@ __all__ = [
     "build_optimizer", "build_parser", "checkpoint_problems", "clean_leftovers",
     "configure_stage", "cosine_schedule", "enable_gradient_checkpointing", "evaluate",
     "forward_loss", "full_model_state", "latest_checkpoint", "load_model_state", "main",
-    "make_autocast_safe", "plot_loss", "random_batch", "read_metrics", "save_checkpoint",
+    "plot_loss", "random_batch", "read_metrics", "save_checkpoint",
     "save_final", "setup_distributed", "teardown_distributed", "train", "train_step", "unwrap",
     "wrap_model",
 ]

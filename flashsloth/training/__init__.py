@@ -50,7 +50,6 @@ from .step import (
                           answer_tokens,
                           evaluate,
                           forward_loss,
-                          make_autocast_safe,
                           random_batch,
                           train_step,
 )
@@ -83,7 +82,6 @@ __all__ = [
                           "latest_checkpoint",
                           "load_model_state",
                           "main",
-                          "make_autocast_safe",
                           "plot_loss",
                           "random_batch",
                           "read_metrics",

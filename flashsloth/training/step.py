@@ -67,48 +67,12 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_autocast_safe(model: nn.Module) -> List[str]:
-    """Run the fused SAP and EmbQ modules outside autocast, in their parameters' dtype.
-
-    Their registered ops are not autocast-aware: inside an autocast region the C++ CPU kernel
-    receives a low-precision GEMM result where it expects fp32 ("expected scalar type Float but
-    found BFloat16"). Both are a small part of the compute, so they run in fp32 there and the
-    rest of the model in bf16 / fp16. Wraps ``forward`` per instance (names unchanged);
-    idempotent. Returns the wrapped submodule names.
-    """
-    base = unwrap(model)
-    wrapped = []
-    for name in ("pooling", "lqformer"):
-        mod = getattr(base, name, None)
-        params = list(mod.parameters()) if mod is not None else []
-        if not params or getattr(mod, "_flashsloth_autocast_safe", False):
-            continue
-        inner = mod.forward
-        dtype = params[0].dtype
-
-        def forward(*args, _inner=inner, _dtype=dtype, **kwargs):
-            device_type = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-            if not torch.is_autocast_enabled(device_type):
-                return _inner(*args, **kwargs)
-            cast = [a.to(_dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
-                    for a in args]
-            with torch.autocast(device_type=device_type, enabled=False):
-                return _inner(*cast, **kwargs)
-
-        mod.forward = forward
-        mod._flashsloth_autocast_safe = True
-        wrapped.append(name)
-    return wrapped
-
-
 def forward_loss(model: nn.Module, batch: Batch,
                  autocast_dtype: Optional[torch.dtype] = None):
     """(summed answer-token loss (0-dim, fp32, with graph), answer tokens, model output)."""
     base = unwrap(model)
     device = base.device
     inputs = _model_inputs(batch, device)
-    if autocast_dtype is not None:
-        make_autocast_safe(base)
     with _autocast(device, autocast_dtype), fsdp_forward_warnings(model):
         out = model(**inputs)
     n = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
