@@ -200,15 +200,20 @@ template <typename A> static inline Vec<A> vmax_nan(Vec<A> a, Vec<A> b) {
   return ((a > b) | (a != a)) ? a : b;
 }
 template <typename A> static inline A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+// Horizontal max / sum by halving (log2(W) shuffles), not a lane-by-lane loop.
+template <typename A> static inline Vec<A> vswap(Vec<A> v, int w) {
+  typedef typename VecOf<A>::itype VI;
+  VI m;
+  for (int l = 0; l < lanes<A>(); ++l) m[l] = l ^ w;
+  return __builtin_shuffle(v, m);
+}
 template <typename A> static inline A hmax_nan(Vec<A> v) {
-  A m = v[0];
-  for (int l = 1; l < lanes<A>(); ++l) m = max_nan(m, A(v[l]));
-  return m;
+  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = vmax_nan<A>(v, vswap<A>(v, w));
+  return v[0];
 }
 template <typename A> static inline A hsum(Vec<A> v) {
-  A x = 0;
-  for (int l = 0; l < lanes<A>(); ++l) x += v[l];
-  return x;
+  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = v + vswap<A>(v, w);
+  return v[0];
 }
 
 // v[l] = base[off[l]]: a hardware gather for fp32 on AVX-512 / AVX2, a lane loop otherwise.
@@ -319,18 +324,19 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
   const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
   const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
-  // V read in place: fp32 rows at least one vector wide (a tail vector overlaps the last full
-  // one). Otherwise the chunk's attended rows are converted into a zero-padded buffer.
+  // Value vectors of a row: at offsets t * W, the last one ending at Dv when Dv >= W (it
+  // overlaps the one before), so rows at least a vector wide need no padding: fp32 V is read
+  // in place. Narrower rows are copied into a zero-padded buffer.
   constexpr bool kSame = std::is_same<T, A>::value;
-  const bool v_direct = kSame && Dv >= W;
+  const bool v_overlap = Dv >= W;
   const int64_t nd = (Dv + W - 1) / W;  // value vectors per row
   const int64_t Dvp = nd * W;
   int64_t voff[256 / 2 + 1];
-  for (int64_t t = 0; t < nd; ++t) voff[t] = std::min<int64_t>(t * W, v_direct ? Dv - W : t * W);
+  for (int64_t t = 0; t < nd; ++t) voff[t] = v_overlap ? std::min(t * W, Dv - W) : t * W;
 
   const int64_t ostride = Dvp;
   const int64_t n_qf = R * Dk, n_kt = Dk * CW, n_st = R * CW, n_ot = R * ostride, n_l = R * W;
-  const int64_t n_kb = kSame ? 0 : CW * Dk, n_vb = v_direct ? 0 : CW * Dvp;
+  const int64_t n_kb = kSame ? 0 : CW * Dk, n_vb = (kSame && v_overlap) ? 0 : CW * Dvp;
   A* qf = scratch<A>(n_qf + n_kt + n_st + n_ot + n_l + 3 * R + n_kb + n_vb + Dvp + 8 * W);
   A* kt = qf + (n_qf + W - 1) / W * W;
   A* st = kt + n_kt;
@@ -358,31 +364,44 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     const int nv = gather_keys(mrow, c0, kc, idx);
     if (nv == 0) continue;
     const int nkv = (nv + W - 1) / W;
+    const bool dense = nv == kc;  // no masked key in the chunk: convert it as one block
     // K^T of the attended keys (lanes past nv repeat the first key; their scores are
-    // replaced by -inf below, so every lane reads an attended row).
+    // replaced by -inf below, so every lane reads an attended row). Masked rows are never
+    // read: a chunk with masked keys converts only its attended rows.
     const A* ksrc;
     if constexpr (kSame) {
       ksrc = reinterpret_cast<const A*>(k + c0 * Dk);
       for (int c = 0; c < nkv * W; ++c) koff[c] = idx[c < nv ? c : 0] * int32_t(Dk);
     } else {
-      for (int c = 0; c < nv; ++c) {
-        const T* kr = k + (c0 + idx[c]) * Dk;
-        A* dst = kb + c * Dk;
-        for (int64_t d = 0; d < Dk; ++d) dst[d] = load_elem(kr + d);
+      if (dense) {
+        const T* kr = k + c0 * Dk;
+        for (int64_t e = 0; e < kc * Dk; ++e) kb[e] = load_elem(kr + e);
+      } else {
+        for (int c = 0; c < nv; ++c) {
+          const T* kr = k + (c0 + idx[c]) * Dk;
+          A* dst = kb + c * Dk;
+          for (int64_t d = 0; d < Dk; ++d) dst[d] = load_elem(kr + d);
+        }
       }
       ksrc = kb;
+      // dense: idx[c] == c; otherwise the attended rows were packed: row c either way
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     for (int64_t d = 0; d < Dk; ++d)
       for (int t = 0; t < nkv; ++t) vstore(kt + d * CW + t * W, vgather(ksrc + d, koff + t * W));
-    if (v_direct) {
+    if (kSame && v_overlap) {
       for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
+    } else if (v_overlap && dense) {
+      const T* vr = v + c0 * Dv;
+      for (int64_t e = 0; e < kc * Dv; ++e) vb[e] = load_elem(vr + e);
+      for (int c = 0; c < nv; ++c) vrows[c] = vb + c * Dv;
     } else {
+      const int64_t vs = v_overlap ? Dv : Dvp;
       for (int c = 0; c < nv; ++c) {
         const T* vr = v + (c0 + idx[c]) * Dv;
-        A* dst = vb + c * Dvp;
+        A* dst = vb + c * vs;
         for (int64_t d = 0; d < Dv; ++d) dst[d] = load_elem(vr + d);
-        for (int64_t d = Dv; d < Dvp; ++d) dst[d] = A(0);
+        for (int64_t d = Dv; d < vs; ++d) dst[d] = A(0);
         vrows[c] = dst;
       }
     }
