@@ -193,7 +193,6 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 static constexpr int kKeyVecs = 4;  // key vectors per chunk: 64 keys (AVX-512 fp32)
 static constexpr int kScoreQ = 4;   // queries per score tile (kScoreQ x kKeyVecs accumulators)
 static constexpr int kPvQ = 8;      // queries per P x V tile
-static constexpr int kPvD = 2;      // value vectors per P x V tile (kPvQ x kPvD accumulators)
 
 // max that returns NaN when either operand is NaN (a > b ? a : b alone drops a NaN b or a).
 template <typename A> static inline Vec<A> vmax_nan(Vec<A> a, Vec<A> b) {
@@ -270,24 +269,43 @@ static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, 
 }
 
 // ot[g] (DT value vectors at voff) = ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries.
+// A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
+// sums over interleaved keys instead, added up in a fixed order at the end.
 template <typename A, int QG, int DT>
 static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
                            int nv, const A* const* vrows, const int64_t* voff) {
   constexpr int W = lanes<A>();
-  Vec<A> acc[QG][DT];
-  for (int g = 0; g < QG; ++g)
-    for (int t = 0; t < DT; ++t) acc[g][t] = vload(ot + g * ostride + t * W) * alpha[g];
-  for (int j = 0; j < nv; ++j) {
+  constexpr int KU = QG * DT >= 8 ? 1 : QG * DT >= 4 ? 2 : 4;
+  Vec<A> acc[KU][QG][DT];
+  for (int u = 0; u < KU; ++u)
+    for (int g = 0; g < QG; ++g)
+      for (int t = 0; t < DT; ++t) acc[u][g][t] = Vec<A>{};
+  int j = 0;
+  for (; j + KU <= nv; j += KU)
+    for (int u = 0; u < KU; ++u) {
+      const A* vr = vrows[j + u];
+      Vec<A> vv[DT];
+      for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
+      for (int g = 0; g < QG; ++g) {
+        const Vec<A> pj = vset(pt[g * cw + j + u]);
+        for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
+      }
+    }
+  for (; j < nv; ++j) {
     const A* vr = vrows[j];
     Vec<A> vv[DT];
     for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
     for (int g = 0; g < QG; ++g) {
       const Vec<A> pj = vset(pt[g * cw + j]);
-      for (int t = 0; t < DT; ++t) acc[g][t] += pj * vv[t];
+      for (int t = 0; t < DT; ++t) acc[0][g][t] += pj * vv[t];
     }
   }
   for (int g = 0; g < QG; ++g)
-    for (int t = 0; t < DT; ++t) vstore(ot + g * ostride + t * W, acc[g][t]);
+    for (int t = 0; t < DT; ++t) {
+      Vec<A> x = acc[0][g][t];
+      for (int u = 1; u < KU; ++u) x += acc[u][g][t];
+      vstore(ot + g * ostride + t * W, vload(ot + g * ostride + t * W) * alpha[g] + x);
+    }
 }
 
 template <typename A, int DT>
@@ -303,6 +321,12 @@ static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, 
     case 7: return pv_tile<A, 7, DT>(ot, ostride, alpha, pt, cw, nv, vrows, voff);
     default: return pv_tile<A, 8, DT>(ot, ostride, alpha, pt, cw, nv, vrows, voff);
   }
+}
+
+// Query groups of at most `most` rows, balanced (9 rows, most 8: 5 + 4, not 8 + 1).
+static inline int64_t group_len(int64_t R, int64_t most) {
+  const int64_t ng = (R + most - 1) / most;
+  return (R + ng - 1) / ng;
 }
 
 // One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
@@ -407,10 +431,17 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
 
     // scores
-    int64_t g0 = 0;
-    for (; g0 + kScoreQ <= R; g0 += kScoreQ)
-      score_rows<A, kScoreQ>(qf + g0 * Dk, Dk, kt, CW, scale, st + g0 * CW, nkv);
-    for (; g0 < R; ++g0) score_rows<A, 1>(qf + g0 * Dk, Dk, kt, CW, scale, st + g0 * CW, nkv);
+    const int64_t sg = group_len(R, kScoreQ);
+    for (int64_t g0 = 0; g0 < R; g0 += sg) {
+      const A* qg = qf + g0 * Dk;
+      A* stg = st + g0 * CW;
+      switch (std::min(sg, R - g0)) {
+        case 1: score_rows<A, 1>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        case 2: score_rows<A, 2>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        case 3: score_rows<A, 3>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        default: score_rows<A, 4>(qg, Dk, kt, CW, scale, stg, nkv); break;
+      }
+    }
 
     // online softmax, per query
     for (int64_t i = 0; i < R; ++i) {
@@ -432,14 +463,18 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       vstore(lv + i * W, vload(lv + i * W) * alpha[i] + lsum);
     }
 
-    // P x V
-    for (int64_t qa = 0; qa < R; qa += kPvQ) {
-      const int qg = int(std::min<int64_t>(kPvQ, R - qa));
+    // P x V: value vectors three at a time for groups of up to 5 queries, two at a time above
+    const int64_t pg = group_len(R, kPvQ);
+    for (int64_t qa = 0; qa < R; qa += pg) {
+      const int qg = int(std::min<int64_t>(pg, R - qa));
       A* otq = ot + qa * ostride;
       const A* ptq = st + qa * CW;
       int64_t t0 = 0;
-      for (; t0 + kPvD <= nd; t0 += kPvD)
-        pv_rows<A, kPvD>(otq + t0 * W, ostride, alpha + qa, ptq, CW, nv, vrows, voff + t0, qg);
+      if (qg <= 5)
+        for (; t0 + 3 <= nd; t0 += 3)
+          pv_rows<A, 3>(otq + t0 * W, ostride, alpha + qa, ptq, CW, nv, vrows, voff + t0, qg);
+      for (; t0 + 2 <= nd; t0 += 2)
+        pv_rows<A, 2>(otq + t0 * W, ostride, alpha + qa, ptq, CW, nv, vrows, voff + t0, qg);
       for (; t0 < nd; ++t0)
         pv_rows<A, 1>(otq + t0 * W, ostride, alpha + qa, ptq, CW, nv, vrows, voff + t0, qg);
     }
