@@ -453,10 +453,12 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       const A mnew = max_nan(mold, hmax_nan<A>(mx));  // finite or NaN: the chunk has a key
       alpha[i] = A(std::exp2((mold - mnew) * log2e));  // 0 while mold is -inf
       mb[i] = mnew;
-      const V mneg = vset(mnew * log2e);
+      // (s - m) first, exact near the max: s * log2e - m * log2e (an FMA) would leave the
+      // rounding error of m * log2e, which is huge for |s| near the top of the fp32 range
+      const V mv = vset(mnew);
       V lsum = V{};
       for (int t = 0; t < nkv; ++t) {
-        const V p = vexp2(vload(si + t * W) * log2e - mneg);
+        const V p = vexp2((vload(si + t * W) - mv) * log2e);
         vstore(si + t * W, p);
         lsum += p;
       }
@@ -541,7 +543,7 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   for (int g = 0; g < G; ++g) {
     // s = (q . k) * scale, +-inf made NaN (s + 0 * s); p = 0 for rows with lse = +inf
     const V sg = sacc[g] * scale;
-    const V p = vexp2((sg + A(0) * sg) * A(1.4426950408889634) - l2);
+    const V p = vexp2(((sg + A(0) * sg) - l2) * A(1.4426950408889634));
     ds[g] = p * (dpacc[g] - de);
     vstore(pl + g * W, p);
     vstore(dsl + g * W, ds[g]);
@@ -635,7 +637,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
       dsum += g * load_elem(o + i * Dv + d);
     }
     delta[i] = dsum;
-    lse2[i] = lse[i] * A(1.4426950408889634);
+    lse2[i] = lse[i];  // natural units: p = 2^((s - lse) log2e)
   }
 
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
