@@ -1,14 +1,16 @@
-"""Device ceilings measured in the same run: a large copy (GB/s) and a large matmul (GFLOP/s).
+"""Device ceilings measured in the same run: a large copy and a large read-only reduction
+(GB/s), and a large matmul (GFLOP/s).
 
 Ops are judged against these rather than against datasheet numbers: a memory-bound op
-against the copy bandwidth, a compute-bound one against the matmul rate, both measured
-by the same timer, on the same machine, minutes apart.
+against the bandwidth (the read bandwidth for an op that mostly reads, like attention with
+few queries: its output is ~1% of its bytes), a compute-bound one against the matmul rate,
+all measured by the same timer, in the same interleaved rounds, on the same machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -25,12 +27,16 @@ class Ceilings:
     matmul_dtype: str
     copy_timing: Timing
     matmul_timing: Timing
+    read_gbps: float = 0.0
+    read_timing: Optional[Timing] = None
 
     def as_dict(self) -> Dict[str, object]:
         return {
             "copy_gbps": self.copy_gbps,
             "copy_bytes": self.copy_bytes,
             "copy_median_ms": self.copy_timing.median_ms,
+            "read_gbps": self.read_gbps,
+            "read_median_ms": self.read_timing.median_ms if self.read_timing else None,
             "matmul_gflops": self.matmul_gflops,
             "matmul_n": self.matmul_n,
             "matmul_dtype": self.matmul_dtype,
@@ -40,7 +46,9 @@ class Ceilings:
 
 def measure(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Ceilings:
     """Copy: dst.copy_(src) on a buffer far larger than the last-level cache (read + write
-    bytes counted). Matmul: an n x n by n x n product in ``dtype`` (FLOPs from the counter)."""
+    bytes counted). Read: src.sum() over the same buffer (read bytes only; the reduction's
+    arithmetic is far below the memory time). Matmul: an n x n by n x n product in ``dtype``
+    (FLOPs from the counter). The three are timed in the same interleaved rounds."""
     if device.type == "cuda":
         copy_bytes, n = 1 << 30, 8192
     else:
@@ -51,11 +59,11 @@ def measure(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Ce
     b = torch.randn(n, n, device=device).to(dtype)
     budget = Budget(min_rounds=3 if quick else 5, max_rounds=10, seconds=1.0 if quick else 2.0,
                     warmup=2)
-    timings, errors = time_providers({"copy": lambda: dst.copy_(src), "matmul": lambda: a @ b},
-                                     device, budget)
+    timings, errors = time_providers({"copy": lambda: dst.copy_(src), "read": lambda: src.sum(),
+                                      "matmul": lambda: a @ b}, device, budget)
     if errors:
         raise RuntimeError(f"measuring the device ceilings failed: {errors}")
-    copy_t, mm_t = timings["copy"], timings["matmul"]
+    copy_t, read_t, mm_t = timings["copy"], timings["read"], timings["matmul"]
     am, bm = a.to("meta"), b.to("meta")
     mm_flops = count_flops(lambda: am @ bm)
     return Ceilings(
@@ -66,4 +74,6 @@ def measure(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Ce
         matmul_dtype=str(dtype).replace("torch.", ""),
         copy_timing=copy_t,
         matmul_timing=mm_t,
+        read_gbps=copy_bytes / (read_t.median_ms * 1e-3) / 1e9,
+        read_timing=read_t,
     )

@@ -42,6 +42,9 @@ class OpCase:
     floor_name: Optional[str] = None
     # provider name -> reason it is not run (recorded as a "not available" row)
     unavailable: Dict[str, str] = field(default_factory=dict)
+    # more floors of the case (name -> ms), reported next to the main one: every row gets
+    # <name>_floor_ms and ratio_to_<name>_floor (e.g. attention's read and compute floors)
+    extra_floors: Dict[str, float] = field(default_factory=dict)
 
 
 # fused backends timed besides "auto" on each device type
@@ -116,10 +119,15 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
             row["gbps"] = case.bytes / secs / 1e9
             if ceil is not None:
                 row["pct_copy_ceiling"] = 100.0 * row["gbps"] / ceil.copy_gbps
+                if ceil.read_gbps:
+                    row["pct_read_ceiling"] = 100.0 * row["gbps"] / ceil.read_gbps
         if floor_ms:
             row["floor"] = floor_name
             row["floor_ms"] = floor_ms
             row["ratio_to_floor"] = t.median_ms / floor_ms
+        for fname, fms in case.extra_floors.items():
+            row[f"{fname}_floor_ms"] = fms
+            row[f"ratio_to_{fname}_floor"] = t.median_ms / fms if fms > 0 else None
         if fused_ms:
             # > 1: the fused op is that many times faster than this provider
             row["fused_speedup"] = t.median_ms / fused_ms

@@ -2,11 +2,16 @@
 
 Problem: H = 32 heads, Lq = 9 queries, key head dim Dk = 18, value head dim Dv = 36, over
 Lk = 729 patch keys (27 x 27) or 3645 (HD: 5 views), batch B, no mask (EmbQ's i2q softmax
-runs over every patch). A few queries against many keys: memory-bound, so the floor is the
-bytes the op must move over the copy bandwidth measured in this run.
+runs over every patch); on CPU also Lq = 1, 2 and 17 at B = 1 and 16. A few queries against
+many keys: memory-bound, so the floor is the bytes the op must move over the bandwidth
+measured in this run. Every row carries three floors: bytes / copy bandwidth (``floor_ms``,
+as before), bytes / read bandwidth (``read_floor_ms``: the op reads ~99% of its bytes) and
+FLOPs / matmul rate (``compute_floor_ms``); ``binds`` names the larger of the last two.
 
 Providers, timed in the same interleaved rounds:
   fused            query_patch_attention, backend "auto" (the backend it picked is recorded)
+  fused-bf16       CPU fp32 runs, forward B = 16 Lk = 729: the same op on bf16 copies of the
+                   inputs (half the bytes; the issue's bar: faster than the fp32 forward)
   fused-<backend>  every other fused backend that can run here (GPU: triton, cuda)
   eager            matmul, softmax (fp32), matmul
   sdpa             F.scaled_dot_product_attention, PyTorch's choice of backend
@@ -34,20 +39,24 @@ H, LQ, DK, DV = 32, 9, 18, 36
 DK_PAD, DV_PAD = 24, 40
 
 
-def sweep(cfg: RunConfig, mode: str) -> List[Tuple[int, int]]:
-    """(B, Lk) cases: a batch sweep at the base key count and the HD key count."""
+def sweep(cfg: RunConfig, mode: str) -> List[Tuple[int, int, int]]:
+    """(B, Lk, Lq) cases: a batch sweep at the base key count and the HD key count, and on CPU
+    (forward) the query counts of the issue's "never slower than eager" bar."""
     if cfg.on_gpu:
         if cfg.quick:
-            return [(64, 729), (8, 3645)]
-        return [(1, 729), (8, 729), (64, 729), (1, 3645), (8, 3645), (64, 3645)]
+            return [(64, 729, LQ), (8, 3645, LQ)]
+        return [(B, Lk, LQ) for Lk in (729, 3645) for B in (1, 8, 64)]
     if cfg.quick:
-        return [(1, 729)]
-    # the issue's CPU bars: B = 1 and B = 16 at Lk = 729
-    return [(1, 729), (4, 729), (16, 729), (1, 3645), (4, 3645)]
+        return [(1, 729, LQ)]
+    # the issue's CPU bars: B = 1 and B = 16 at Lk = 729, B = 4 at Lk = 3645
+    base = [(1, 729, LQ), (4, 729, LQ), (16, 729, LQ), (1, 3645, LQ), (4, 3645, LQ)]
+    if mode != "fwd":
+        return base
+    return base + [(B, 729, lq) for B in (1, 16) for lq in (1, 2, 17)]
 
 
-def make_inputs(B: int, Lk: int, device, dtype, requires_grad: bool):
-    q = torch.randn(B, H, LQ, DK, device=device).to(dtype)
+def make_inputs(B: int, Lk: int, device, dtype, requires_grad: bool, Lq: int = LQ):
+    q = torch.randn(B, H, Lq, DK, device=device).to(dtype)
     k = torch.randn(B, H, Lk, DK, device=device).to(dtype)
     v = torch.randn(B, H, Lk, DV, device=device).to(dtype)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
@@ -90,27 +99,27 @@ def _fwd_bwd(f, inputs, grad_out):
     return run
 
 
-def _bytes(B: int, Lk: int, itemsize: int, mode: str) -> int:
-    q, k, v = B * H * LQ * DK, B * H * Lk * DK, B * H * Lk * DV
-    out = B * H * LQ * DV
+def _bytes(B: int, Lk: int, itemsize: int, mode: str, Lq: int = LQ) -> int:
+    q, k, v = B * H * Lq * DK, B * H * Lk * DK, B * H * Lk * DV
+    out = B * H * Lq * DV
     fwd = (q + k + v + out) * itemsize
     if mode == "fwd":
         return fwd
     return fwd + (q + k + v + 2 * out + q + k + v) * itemsize
 
 
-def _op_flops(B: int, Lk: int, dtype, mode: str) -> int:
+def _op_flops(B: int, Lk: int, dtype, mode: str, Lq: int = LQ) -> int:
     from flashsloth_kernels import query_patch_attention
 
-    q, k, v = make_inputs(B, Lk, "meta", dtype, mode != "fwd")
+    q, k, v = make_inputs(B, Lk, "meta", dtype, mode != "fwd", Lq)
     f = lambda: query_patch_attention(q, k, v)  # noqa: E731
     if mode == "fwd":
         return count_flops(f)
-    g = torch.empty(B, H, LQ, DV, device="meta", dtype=dtype)
+    g = torch.empty(B, H, Lq, DV, device="meta", dtype=dtype)
     return count_flops(_fwd_bwd(f, [q, k, v], g))
 
 
-def _compile_here(cfg: RunConfig, B: int, Lk: int, mode: str) -> Optional[str]:
+def _compile_here(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> Optional[str]:
     """None when the torch.compile providers run for this case, else why not.
 
     Every compile (one per shape: flex_attention needs static shapes) costs 10-30 s, so they
@@ -123,20 +132,20 @@ def _compile_here(cfg: RunConfig, B: int, Lk: int, mode: str) -> Optional[str]:
         if (B, Lk) not in ((64, 729), (8, 3645)):
             return "compiled only for the bar cases (B = 64 at Lk = 729, B = 8 at Lk = 3645)"
         return None
-    if not (Lk == 729 and B in (1, 16) and mode == "fwd"):
-        return "compiled on CPU only for the forward bar cases (B = 1, 16 at Lk = 729)"
+    if not (Lk == 729 and B in (1, 16) and mode == "fwd" and Lq == LQ):
+        return "compiled on CPU only for the forward bar cases (B = 1, 16 at Lk = 729, Lq = 9)"
     return None
 
 
-def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
+def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
     from flashsloth_kernels import query_patch_attention
     from flashsloth_kernels.attention.op import dispatcher
 
     dev, dt = cfg.device, cfg.dtype
     grad = mode != "fwd"
-    q, k, v = inputs = make_inputs(B, Lk, dev, dt, grad)
+    q, k, v = inputs = make_inputs(B, Lk, dev, dt, grad, Lq)
     scale = DK ** -0.5
-    gout = torch.randn(B, H, LQ, DV, device=dev, dtype=dt)
+    gout = torch.randn(B, H, Lq, DV, device=dev, dtype=dt)
     auto = dispatcher.select(None, dev, dt)
     explain = dispatcher.explain(dev, dt)
 
@@ -148,6 +157,12 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
         lambda b: query_patch_attention(q, k, v, scale=scale, backend=b), wrap, auto, explain,
         dev.type)
     providers.extend(fused)
+    if dev.type == "cpu" and dt == torch.float32 and mode == "fwd" and (B, Lk, Lq) == (16, 729, LQ):
+        qb, kb, vb = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+        providers.append(Provider(
+            "fused-bf16", lambda: query_patch_attention(qb, kb, vb, scale=scale),
+            backend=dispatcher.select(None, dev, torch.bfloat16),
+            note="the fused op on bf16 copies of the inputs (half the bytes)"))
     providers.append(Provider("eager", wrap(lambda: eager_attention(q, k, v, scale)),
                               note="matmul, softmax (fp32), matmul"))
     providers.append(Provider("sdpa", wrap(lambda: F.scaled_dot_product_attention(
@@ -166,7 +181,7 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
         _fwd_bwd(lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=scale), [qp, kp, vp],
                  goutp) if grad else sdpa_padded,
         note=f"q/k padded to {DK_PAD}, v to {DV_PAD} (padding not timed)"))
-    why_not = _compile_here(cfg, B, Lk, mode)
+    why_not = _compile_here(cfg, B, Lk, mode, Lq)
     if why_not is not None:
         unavailable["flex"] = why_not
         unavailable["compile"] = why_not
@@ -190,14 +205,26 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str) -> OpCase:
         except Exception as exc:
             unavailable["compile"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
-    nbytes = _bytes(B, Lk, q.element_size(), mode)
+    nbytes = _bytes(B, Lk, q.element_size(), mode, Lq)
+    flops = _op_flops(B, Lk, dt, mode, Lq)
     ceil = cfg.ceilings
     floor_ms = nbytes / (ceil.copy_gbps * 1e9) * 1e3 if ceil is not None else None
-    return OpCase(section=SECTION, case=f"B{B}-Lk{Lk}", mode=mode,
-                  params={"B": B, "Lk": Lk, "H": H, "Lq": LQ, "Dk": DK, "Dv": DV},
-                  providers=providers, flops=_op_flops(B, Lk, dt, mode), bytes=nbytes,
+    params = {"B": B, "Lk": Lk, "H": H, "Lq": Lq, "Dk": DK, "Dv": DV}
+    extra = {}
+    if ceil is not None:
+        # the roofline: which of the two floors binds this case
+        read_ms = nbytes / (ceil.read_gbps * 1e9) * 1e3 if ceil.read_gbps else None
+        compute_ms = flops / (ceil.matmul_gflops * 1e9) * 1e3 if flops else None
+        if read_ms:
+            extra["read"] = read_ms
+        if compute_ms:
+            extra["compute"] = compute_ms
+        if read_ms and compute_ms:
+            params["binds"] = "memory (read)" if read_ms >= compute_ms else "compute"
+    return OpCase(section=SECTION, case=f"B{B}-Lk{Lk}" + ("" if Lq == LQ else f"-Lq{Lq}"),
+                  mode=mode, params=params, providers=providers, flops=flops, bytes=nbytes,
                   floor_ms=floor_ms, floor_name="bytes / copy bandwidth",
-                  unavailable=unavailable)
+                  unavailable=unavailable, extra_floors=extra)
 
 
 def cases(cfg: RunConfig) -> List[Case]:
@@ -210,15 +237,16 @@ def cases(cfg: RunConfig) -> List[Case]:
             f"cannot be imported: {type(exc).__name__}: {exc}")])]
     out: List[Case] = []
     for mode in ("fwd", "fwd+bwd"):
-        for B, Lk in sweep(cfg, mode):
-            out.append(Case(SECTION, f"attention {mode} B={B} Lk={Lk}",
-                            lambda B=B, Lk=Lk, mode=mode: _run(cfg, B, Lk, mode)))
+        for B, Lk, Lq in sweep(cfg, mode):
+            name = f"attention {mode} B={B} Lk={Lk}" + ("" if Lq == LQ else f" Lq={Lq}")
+            out.append(Case(SECTION, name,
+                            lambda B=B, Lk=Lk, Lq=Lq, mode=mode: _run(cfg, B, Lk, mode, Lq)))
     return out
 
 
-def _run(cfg: RunConfig, B: int, Lk: int, mode: str) -> List[Row]:
+def _run(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> List[Row]:
     try:
-        op_case = _build(cfg, B, Lk, mode)
+        op_case = _build(cfg, B, Lk, mode, Lq)
     except Exception as exc:
         return [error_row(SECTION, f"B{B}-Lk{Lk}", exc, mode=mode)]
     return run_case(op_case, cfg)

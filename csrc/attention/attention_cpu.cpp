@@ -33,6 +33,10 @@
 
 #include "attention_cpu.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the fp32 gathers of the AVX-512 / AVX2 kernels
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define FS_ATTN_X86_VARIANTS 1
 #else
@@ -273,8 +277,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
       const int64_t merge_grain = grain_for(rows, s.nsplit * s.Dv);
       at::parallel_for(0, rows, merge_grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
+          // NaN-propagating max: a split whose row is NaN (a non-finite attended score)
+          // makes the merged row NaN (std::max would drop it).
           acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t sp = 0; sp < s.nsplit; ++sp) m = std::max(m, pl[sp * rows + r]);
+          for (int64_t sp = 0; sp < s.nsplit; ++sp) {
+            const acc_t x = pl[sp * rows + r];
+            m = (x > m || x != x || m != m) ? (m != m ? m : x) : m;
+          }
           scalar_t* orow = o + r * s.Dv;
           if (m == -std::numeric_limits<acc_t>::infinity()) {
             for (int64_t d = 0; d < s.Dv; ++d) orow[d] = scalar_t(0);

@@ -4,16 +4,16 @@
 // `#pragma GCC target`. No include guard, on purpose; and no #include here, so that only this
 // file's own functions take the region's target (every header is included before).
 //
-// Layout of the work: the vector lanes hold queries (W of them per query block), so every
-// loop over keys and head dims is a run of lane-wide FMAs with one broadcast operand, reading
-// K and V rows contiguously, with no transposes and no tails (Dk = 18 and Dv = 36 have no
-// friendly vector length; Lq = 9 queries fill W = 16 lanes in one block). Keys stream in
+// Forward: lanes over keys (see the section "Forward" below). Backward: the vector lanes hold
+// queries (W of them per query block), so every loop over keys and head dims is a run of
+// lane-wide FMAs with one broadcast operand, reading K and V rows contiguously; keys stream in
 // chunks of kChunk that stay in L1 while every query block of the unit uses them.
-// Logits are in log2 units (q is pre-scaled by scale * log2(e)) so each probability is one
-// exp2. Masked keys are skipped (gathered out of the chunk by index), never computed.
+// Both: s = (q . k) * scale accumulated in the accumulation type (fp32 for 16-bit inputs);
+// probabilities are exp2 of s * log2(e) minus the row's max (or lse) in the same units.
+// Masked keys are skipped (gathered out of the chunk by index), never read.
 
 static constexpr int64_t kChunk = 64;   // keys per chunk (K + V chunk ~14 KB in fp32 at 18/36)
-static constexpr int kGroup = 8;         // keys scored together: independent FMA chains
+static constexpr int kGroup = 8;         // lane buffer of the backward (2 x kGroup lane vectors)
 
 template <typename A> struct VecOf;
 template <> struct VecOf<float> {
@@ -167,37 +167,196 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
   return nv;
 }
 
-// Logits of G keys for one query block: out[g] = sum_d K[idx[g], d] * qt[d] (lane vectors).
+// ---------------------------------------------------------------------------------------------
+// Forward: lanes over keys.
+//
+// Roofline of the EmbQ shape (Lq = 9, Dk = 18, Dv = 36, fp32): 216 bytes of K and V per key
+// and head against 9 x 54 multiply-adds, so the kernel must spend only a few cycles per key.
+// The work per key chunk (kKeyVecs lane vectors of attended keys, gathered by index so masked
+// keys are never read):
+//   1. K^T of the chunk: Dk gathers per key vector (K rows converted to fp32 first for
+//      bf16 / fp16), so each lane holds one key;
+//   2. scores of every query of the unit as a small register GEMM (kScoreQ queries x the
+//      chunk's key vectors of accumulators; one broadcast q element feeds a row of FMAs),
+//      s = (q . k) * scale in the accumulation type, then s + 0 * s (a +-inf score becomes
+//      NaN, as the contract asks);
+//   3. online softmax per query: one NaN-propagating max per chunk, p = 2^(s log2e - m log2e)
+//      kept per lane (the row sum is reduced across lanes once, at the end);
+//   4. P x V with lanes over the value dims: every V row of the chunk is loaded once per
+//      query group and feeds kPvQ x kPvD FMAs with broadcast p; fp32 V is read in place (a
+//      tail that is not a lane multiple is covered by one vector ending at Dv, overlapping
+//      the previous one), bf16 / fp16 V rows are converted once into a zero-padded buffer.
+// Lq = 1 costs Dk / W score FMAs per key instead of Dk (the query-lane layout left W - 1
+// lanes idle). When the unit's queries fill more than half of their query blocks of W lanes
+// (Lq = 9 with W = 16), steps 1-3 run with lanes over queries instead (K rows read in place,
+// no gathers, no horizontal reductions) and only P x V keeps the value lanes: measured in
+// cache on one loaded core, ~2.4x faster than the old query-lane kernel at Lq = 1 and 2,
+// ~4% at Lq = 9 and 17 (where the old layout was already dense in the score GEMM).
+// ---------------------------------------------------------------------------------------------
+
+static constexpr int kKeyVecs = 4;  // key vectors per chunk: 64 keys (AVX-512 fp32)
+static constexpr int kScoreQ = 4;   // queries per score tile (kScoreQ x kKeyVecs accumulators)
+static constexpr int kPvQ = 8;      // queries per P x V tile
+
+// max that returns NaN when either operand is NaN (a > b ? a : b alone drops a NaN b or a).
+template <typename A> static inline Vec<A> vmax_nan(Vec<A> a, Vec<A> b) {
+  return ((a > b) | (a != a)) ? a : b;
+}
+template <typename A> static inline A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+// Horizontal max / sum by halving (log2(W) shuffles), not a lane-by-lane loop.
+template <typename A> static inline Vec<A> vswap(Vec<A> v, int w) {
+  typedef typename VecOf<A>::itype VI;
+  VI m;
+  for (int l = 0; l < lanes<A>(); ++l) m[l] = l ^ w;
+  return __builtin_shuffle(v, m);
+}
+template <typename A> static inline A hmax_nan(Vec<A> v) {
+  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = vmax_nan<A>(v, vswap<A>(v, w));
+  return v[0];
+}
+template <typename A> static inline A hsum(Vec<A> v) {
+  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = v + vswap<A>(v, w);
+  return v[0];
+}
+
+// v[l] = base[off[l]]: a hardware gather for fp32 on AVX-512 / AVX2, a lane loop otherwise.
+template <typename A> static inline Vec<A> vgather(const A* base, const int32_t* off) {
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value) {
+    const __m512i o = _mm512_loadu_si512(static_cast<const void*>(off));
+    return (Vec<A>)_mm512_i32gather_ps(o, static_cast<const void*>(base), 4);
+  }
+#elif FS_VEC_BYTES == 32
+  if constexpr (std::is_same<A, float>::value) {
+    const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
+    return (Vec<A>)_mm256_i32gather_ps(base, o, 4);
+  }
+#endif
+  Vec<A> v;
+  for (int l = 0; l < lanes<A>(); ++l) v[l] = base[off[l]];
+  return v;
+}
+
+// s[g][t] = ((q_g . k_t) * scale) + 0 * (...) for QG queries and KV key vectors.
+// qf: QG rows of Dk (accumulation type); kt: K^T, Dk rows of `cw` keys; st: QG rows of `cw`.
+template <typename A, int QG, int KV>
+static inline void score_tile(const A* qf, int64_t Dk, const A* kt, int64_t cw, A scale,
+                              A* st) {
+  constexpr int W = lanes<A>();
+  Vec<A> acc[QG][KV];
+  for (int g = 0; g < QG; ++g)
+    for (int t = 0; t < KV; ++t) acc[g][t] = Vec<A>{};
+  for (int64_t d = 0; d < Dk; ++d) {
+    Vec<A> kv[KV];
+    for (int t = 0; t < KV; ++t) kv[t] = vload(kt + d * cw + t * W);
+    for (int g = 0; g < QG; ++g) {
+      const Vec<A> qd = vset(qf[g * Dk + d]);
+      for (int t = 0; t < KV; ++t) acc[g][t] += qd * kv[t];
+    }
+  }
+  for (int g = 0; g < QG; ++g)
+    for (int t = 0; t < KV; ++t) {
+      const Vec<A> s = acc[g][t] * scale;
+      vstore(st + g * cw + t * W, s + A(0) * s);
+    }
+}
+
+template <typename A, int QG>
+static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, A scale, A* st,
+                              int kv) {
+  switch (kv) {
+    case 1: return score_tile<A, QG, 1>(qf, Dk, kt, cw, scale, st);
+    case 2: return score_tile<A, QG, 2>(qf, Dk, kt, cw, scale, st);
+    case 3: return score_tile<A, QG, 3>(qf, Dk, kt, cw, scale, st);
+    default: return score_tile<A, QG, 4>(qf, Dk, kt, cw, scale, st);
+  }
+}
+
+// ot[g] (DT value vectors at voff) = ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries.
+// A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
+// sums over interleaved keys instead, added up in a fixed order at the end.
+template <typename A, int QG, int DT>
+static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
+                           int64_t js, int nv, const A* const* vrows, const int64_t* voff) {
+  constexpr int W = lanes<A>();
+  constexpr int KU = QG * DT >= 8 ? 1 : QG * DT >= 4 ? 2 : 4;
+  Vec<A> acc[KU][QG][DT];
+  for (int u = 0; u < KU; ++u)
+    for (int g = 0; g < QG; ++g)
+      for (int t = 0; t < DT; ++t) acc[u][g][t] = Vec<A>{};
+  int j = 0;
+  for (; j + KU <= nv; j += KU)
+    for (int u = 0; u < KU; ++u) {
+      const A* vr = vrows[j + u];
+      Vec<A> vv[DT];
+      for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
+      for (int g = 0; g < QG; ++g) {
+        const Vec<A> pj = vset(pt[g * cw + (j + u) * js]);
+        for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
+      }
+    }
+  for (; j < nv; ++j) {
+    const A* vr = vrows[j];
+    Vec<A> vv[DT];
+    for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
+    for (int g = 0; g < QG; ++g) {
+      const Vec<A> pj = vset(pt[g * cw + j * js]);
+      for (int t = 0; t < DT; ++t) acc[0][g][t] += pj * vv[t];
+    }
+  }
+  for (int g = 0; g < QG; ++g)
+    for (int t = 0; t < DT; ++t) {
+      Vec<A> x = acc[0][g][t];
+      for (int u = 1; u < KU; ++u) x += acc[u][g][t];
+      vstore(ot + g * ostride + t * W, vload(ot + g * ostride + t * W) * alpha[g] + x);
+    }
+}
+
+// p of query g, key j at pt[g * cw + j * js] (key lanes: cw = chunk, js = 1; query lanes:
+// cw = 1, js = W)
+template <typename A, int DT>
+static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
+                           int64_t js, int nv, const A* const* vrows, const int64_t* voff,
+                           int qg) {
+  switch (qg) {
+    case 1: return pv_tile<A, 1, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 2: return pv_tile<A, 2, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 3: return pv_tile<A, 3, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 4: return pv_tile<A, 4, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 5: return pv_tile<A, 5, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 6: return pv_tile<A, 6, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 7: return pv_tile<A, 7, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    default: return pv_tile<A, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+  }
+}
+
+// Query lanes (used when a query block fills more than half the lanes): scores of G keys for
+// the W queries of one block, out[g] = (sum_d K[g][d] qt[d]) * scale (+ 0 * s), K rows read
+// in place (one broadcast element per FMA), qt = the block's q transposed (Dk x W).
 template <typename A, int G>
-static inline void score_group(const A* qt, const A* kc, int64_t Dk, const int32_t* idx,
-                               A* out) {
+static inline void score_qlanes(const A* qt, const A* kbase, const int32_t* koff, int64_t Dk,
+                                A scale, A* out) {
   constexpr int W = lanes<A>();
   Vec<A> acc[G];
   const A* kr[G];
   for (int g = 0; g < G; ++g) {
     acc[g] = Vec<A>{};
-    kr[g] = kc + int64_t(idx[g]) * Dk;
+    kr[g] = kbase + koff[g];
   }
   for (int64_t d = 0; d < Dk; ++d) {
     const Vec<A> qv = vload(qt + d * W);
     for (int g = 0; g < G; ++g) acc[g] += vset(kr[g][d]) * qv;
   }
-  for (int g = 0; g < G; ++g) vstore(out + g * W, acc[g]);
+  for (int g = 0; g < G; ++g) {
+    const Vec<A> sg = acc[g] * scale;
+    vstore(out + g * W, sg + A(0) * sg);
+  }
 }
 
-// DB value dims of one query block's (transposed) accumulator: ot = ot * alpha + sum_j p_j V_j.
-template <typename A, int DB>
-static inline void pv_block(A* ot, Vec<A> alpha, const A* vcol, int64_t Dv, const int32_t* idx,
-                            int nv, const A* p) {
-  constexpr int W = lanes<A>();
-  Vec<A> acc[DB];
-  for (int t = 0; t < DB; ++t) acc[t] = vload(ot + t * W) * alpha;
-  for (int j = 0; j < nv; ++j) {
-    const Vec<A> pj = vload(p + j * W);
-    const A* vr = vcol + int64_t(idx[j]) * Dv;
-    for (int t = 0; t < DB; ++t) acc[t] += vset(vr[t]) * pj;
-  }
-  for (int t = 0; t < DB; ++t) vstore(ot + t * W, acc[t]);
+// Query groups of at most `most` rows, balanced (9 rows, most 8: 5 + 4, not 8 + 1).
+static inline int64_t group_len(int64_t R, int64_t most) {
+  const int64_t ng = (R + most - 1) / most;
+  return (R + ng - 1) / ng;
 }
 
 // One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
@@ -205,6 +364,7 @@ static inline void pv_block(A* ot, Vec<A> alpha, const A* vcol, int64_t Dv, cons
 template <typename T, typename A>
 static void fwd_unit_t(const FwdParams& P, int64_t u) {
   constexpr int W = lanes<A>();
+  constexpr int64_t CW = int64_t(kKeyVecs) * W;  // keys per chunk
   typedef Vec<A> V;
   const Shape& s = P.s;
   const int64_t sp = u % s.nsplit;
@@ -213,85 +373,228 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const int64_t b = bh / s.H;
   const int64_t Lq = s.Lq, Lk = s.Lk, Dk = s.Dk, Dv = s.Dv;
   const int64_t i0 = qsb * s.qsb_len, R = std::min(s.qsb_len, Lq - i0);
-  const int64_t nqb = (R + W - 1) / W;
   const int64_t j0 = sp * s.split_len, j1 = std::min(Lk, j0 + s.split_len);
   const T* q = static_cast<const T*>(P.q) + (bh * Lq + i0) * Dk;
   const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
   const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
   const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
-  constexpr bool kConvert = !std::is_same<T, A>::value;
+  // Value vectors of a row: at offsets t * W, the last one ending at Dv when Dv >= W (it
+  // overlaps the one before), so rows at least a vector wide need no padding: fp32 V is read
+  // in place. Narrower rows are copied into a zero-padded buffer.
+  constexpr bool kSame = std::is_same<T, A>::value;
+  const bool v_overlap = Dv >= W;
+  const int64_t nd = (Dv + W - 1) / W;  // value vectors per row
+  const int64_t Dvp = nd * W;
+  int64_t voff[256 / 2 + 1];
+  for (int64_t t = 0; t < nd; ++t) voff[t] = v_overlap ? std::min(t * W, Dv - W) : t * W;
 
-  const int64_t n_qt = nqb * Dk * W, n_ot = nqb * Dv * W, n_m = nqb * W, n_st = kChunk * W;
-  const int64_t n_kb = kConvert ? kChunk * Dk : 0, n_vb = kConvert ? kChunk * Dv : 0;
-  A* qt = scratch<A>(n_qt + n_ot + 2 * n_m + n_st + n_kb + n_vb + W);
-  A* ot = qt + n_qt;
-  A* mb = ot + n_ot;
-  A* lb = mb + n_m;
-  A* st = lb + n_m;
-  A* kb = st + n_st;
+  // Scores and softmax with lanes over queries instead when query blocks of W are more than
+  // half full (Lq = 9 on AVX-512): K rows are then read in place, with no transposition, and
+  // the softmax needs no horizontal reductions. P x V keeps its value lanes either way.
+  const int64_t nqb = (R + W - 1) / W, RW = nqb * W;
+  const bool qlanes = 2 * R > RW;
+
+  const int64_t ostride = Dvp;
+  const int64_t n_qf = (R * Dk + W - 1) / W * W, n_kt = qlanes ? 0 : Dk * CW;
+  const int64_t n_qt = qlanes ? nqb * Dk * W : 0, n_st = RW * CW, n_ot = R * ostride;
+  const int64_t n_l = R * W;  // >= RW
+  const int64_t n_kb = kSame ? 0 : CW * Dk, n_vb = (kSame && v_overlap) ? 0 : CW * Dvp;
+  A* qf = scratch<A>(n_qf + n_kt + n_qt + n_st + n_ot + n_l + 2 * RW + n_kb + n_vb + Dvp +
+                     8 * W);
+  A* kt = qf + n_qf;
+  A* qt = kt + n_kt;
+  A* st = qt + n_qt;
+  A* ot = st + n_st;
+  A* lv = ot + n_ot;
+  A* mb = lv + n_l;
+  A* alpha = mb + RW;
+  A* kb = alpha + RW;
   A* vb = kb + n_kb;
-  int32_t idx[kChunk];
+  A* orow = vb + n_vb;  // one output row, gathered from the value vectors
+  int32_t idx[CW];
+  int32_t koff[CW];
+  const A* vrows[CW];
 
-  const A sc = A(P.scale * 1.4426950408889634);
-  std::fill(qt, qt + n_qt, A(0));
-  for (int64_t i = 0; i < R; ++i)
-    for (int64_t d = 0; d < Dk; ++d)
-      qt[((i / W) * Dk + d) * W + i % W] = load_elem(q + i * Dk + d) * sc;
+  for (int64_t e = 0; e < R * Dk; ++e) qf[e] = load_elem(q + e);
+  if (qlanes) {
+    std::fill(qt, qt + n_qt, A(0));  // padded lanes: q = 0, finite scores, never output
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t d = 0; d < Dk; ++d) qt[((i / W) * Dk + d) * W + i % W] = qf[i * Dk + d];
+  }
   std::fill(ot, ot + n_ot, A(0));
-  std::fill(mb, mb + n_m, -std::numeric_limits<A>::infinity());
-  std::fill(lb, lb + n_m, A(0));
+  std::fill(lv, lv + n_l, A(0));
+  std::fill(mb, mb + RW, -std::numeric_limits<A>::infinity());
+  const A scale = A(P.scale);
+  const A log2e = A(1.4426950408889634);
+  const A ninf = -std::numeric_limits<A>::infinity();
 
-  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
-    const int64_t kc = std::min(kChunk, j1 - c0);
+  for (int64_t c0 = j0; c0 < j1; c0 += CW) {
+    const int64_t kc = std::min(CW, j1 - c0);
     const int nv = gather_keys(mrow, c0, kc, idx);
     if (nv == 0) continue;
-    const A* kcp = chunk_rows<T, A>(k + c0 * Dk, kc, Dk, kb);
-    const A* vcp = chunk_rows<T, A>(v + c0 * Dv, kc, Dv, vb);
-    for (int64_t qb = 0; qb < nqb; ++qb) {
-      const A* qtb = qt + qb * Dk * W;
-      int t = 0;
-      for (; t + kGroup <= nv; t += kGroup)
-        score_group<A, kGroup>(qtb, kcp, Dk, idx + t, st + t * W);
-      for (; t < nv; ++t) score_group<A, 1>(qtb, kcp, Dk, idx + t, st + t * W);
-      V mx = vload(st);
-      for (t = 1; t < nv; ++t) mx = vmax<A>(mx, vload(st + t * W));
-      const V mold = vload(mb + qb * W);
-      const V mnew = vmax<A>(mold, mx);  // finite: the chunk has an attended key
-      const V alpha = vexp2(mold - mnew);  // 0 while mold is still -inf
+    const int nkv = (nv + W - 1) / W;
+    const bool dense = nv == kc;  // no masked key in the chunk: convert it as one block
+    // K^T of the attended keys (lanes past nv repeat the first key; their scores are
+    // replaced by -inf below, so every lane reads an attended row). Masked rows are never
+    // read: a chunk with masked keys converts only its attended rows.
+    const A* ksrc;
+    if constexpr (kSame) {
+      ksrc = reinterpret_cast<const A*>(k + c0 * Dk);
+      for (int c = 0; c < nkv * W; ++c) koff[c] = idx[c < nv ? c : 0] * int32_t(Dk);
+    } else {
+      if (dense) {
+        const T* kr = k + c0 * Dk;
+        for (int64_t e = 0; e < kc * Dk; ++e) kb[e] = load_elem(kr + e);
+      } else {
+        for (int c = 0; c < nv; ++c) {
+          const T* kr = k + (c0 + idx[c]) * Dk;
+          A* dst = kb + c * Dk;
+          for (int64_t d = 0; d < Dk; ++d) dst[d] = load_elem(kr + d);
+        }
+      }
+      ksrc = kb;
+      // dense: idx[c] == c; otherwise the attended rows were packed: row c either way
+      for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
+    }
+    if (!qlanes)
+      for (int64_t d = 0; d < Dk; ++d)
+        for (int t = 0; t < nkv; ++t)
+          vstore(kt + d * CW + t * W, vgather(ksrc + d, koff + t * W));
+    if (kSame && v_overlap) {
+      for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
+    } else if (v_overlap && dense) {
+      const T* vr = v + c0 * Dv;
+      for (int64_t e = 0; e < kc * Dv; ++e) vb[e] = load_elem(vr + e);
+      for (int c = 0; c < nv; ++c) vrows[c] = vb + c * Dv;
+    } else {
+      const int64_t vs = v_overlap ? Dv : Dvp;
+      for (int c = 0; c < nv; ++c) {
+        const T* vr = v + (c0 + idx[c]) * Dv;
+        A* dst = vb + c * vs;
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = load_elem(vr + d);
+        for (int64_t d = Dv; d < vs; ++d) dst[d] = A(0);
+        vrows[c] = dst;
+      }
+    }
+
+    if (qlanes) {
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        A* stq = st + qb * CW * W;  // [key][query lane]
+        const A* qtb = qt + qb * Dk * W;
+        int j = 0;
+        for (; j + 4 <= nv; j += 4) score_qlanes<A, 4>(qtb, ksrc, koff + j, Dk, scale, stq + j * W);
+        for (; j < nv; ++j) score_qlanes<A, 1>(qtb, ksrc, koff + j, Dk, scale, stq + j * W);
+        V mx = vload(stq);
+        for (j = 1; j < nv; ++j) mx = vmax_nan<A>(mx, vload(stq + j * W));
+        const V mold = vload(mb + qb * W);
+        const V mnew = vmax_nan<A>(mold, mx);
+        const V al = vexp2((mold - mnew) * log2e);  // 0 while mold is -inf
+        vstore(mb + qb * W, mnew);
+        vstore(alpha + qb * W, al);
+        V lsum = V{};
+        for (j = 0; j < nv; ++j) {
+          const V p = vexp2((vload(stq + j * W) - mnew) * log2e);
+          vstore(stq + j * W, p);
+          lsum += p;
+        }
+        vstore(lv + qb * W, vload(lv + qb * W) * al + lsum);
+        // P x V for the block's rows: p of query g, key j at stq[j * W + g]
+        const int64_t r0 = qb * W, nr = std::min<int64_t>(W, R - r0);
+        const int64_t pg = group_len(nr, kPvQ);
+        for (int64_t qa = 0; qa < nr; qa += pg) {
+          const int qg = int(std::min<int64_t>(pg, nr - qa));
+          A* otq = ot + (r0 + qa) * ostride;
+          const A* ptq = stq + qa;
+          const A* alq = alpha + r0 + qa;
+          int64_t t0 = 0;
+          if (qg <= 5)
+            for (; t0 + 3 <= nd; t0 += 3)
+              pv_rows<A, 3>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
+          for (; t0 + 2 <= nd; t0 += 2)
+            pv_rows<A, 2>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
+          for (; t0 < nd; ++t0)
+            pv_rows<A, 1>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
+        }
+      }
+      continue;
+    }
+
+    // scores
+    const int64_t sg = group_len(R, kScoreQ);
+    for (int64_t g0 = 0; g0 < R; g0 += sg) {
+      const A* qg = qf + g0 * Dk;
+      A* stg = st + g0 * CW;
+      switch (std::min(sg, R - g0)) {
+        case 1: score_rows<A, 1>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        case 2: score_rows<A, 2>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        case 3: score_rows<A, 3>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        default: score_rows<A, 4>(qg, Dk, kt, CW, scale, stg, nkv); break;
+      }
+    }
+
+    // online softmax, per query
+    for (int64_t i = 0; i < R; ++i) {
+      A* si = st + i * CW;
+      for (int c = nv; c < nkv * W; ++c) si[c] = ninf;
+      V mx = vload(si);
+      for (int t = 1; t < nkv; ++t) mx = vmax_nan<A>(mx, vload(si + t * W));
+      const A mold = mb[i];
+      const A mnew = max_nan(mold, hmax_nan<A>(mx));  // finite or NaN: the chunk has a key
+      alpha[i] = A(std::exp2((mold - mnew) * log2e));  // 0 while mold is -inf
+      mb[i] = mnew;
+      // (s - m) first, exact near the max: s * log2e - m * log2e (an FMA) would leave the
+      // rounding error of m * log2e, which is huge for |s| near the top of the fp32 range
+      const V mv = vset(mnew);
       V lsum = V{};
-      for (t = 0; t < nv; ++t) {
-        const V p = vexp2(vload(st + t * W) - mnew);
-        vstore(st + t * W, p);
+      for (int t = 0; t < nkv; ++t) {
+        const V p = vexp2((vload(si + t * W) - mv) * log2e);
+        vstore(si + t * W, p);
         lsum += p;
       }
-      vstore(lb + qb * W, vload(lb + qb * W) * alpha + lsum);
-      vstore(mb + qb * W, mnew);
-      A* otb = ot + qb * Dv * W;
-      int64_t d0 = 0;
-      for (; d0 + 8 <= Dv; d0 += 8) pv_block<A, 8>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
-      for (; d0 + 4 <= Dv; d0 += 4) pv_block<A, 4>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
-      for (; d0 < Dv; ++d0) pv_block<A, 1>(otb + d0 * W, alpha, vcp + d0, Dv, idx, nv, st);
+      vstore(lv + i * W, vload(lv + i * W) * alpha[i] + lsum);
+    }
+
+    // P x V: value vectors three at a time for groups of up to 5 queries, two at a time above
+    const int64_t pg = group_len(R, kPvQ);
+    for (int64_t qa = 0; qa < R; qa += pg) {
+      const int qg = int(std::min<int64_t>(pg, R - qa));
+      A* otq = ot + qa * ostride;
+      const A* ptq = st + qa * CW;
+      int64_t t0 = 0;
+      if (qg <= 5)
+        for (; t0 + 3 <= nd; t0 += 3)
+          pv_rows<A, 3>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
+      for (; t0 + 2 <= nd; t0 += 2)
+        pv_rows<A, 2>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
+      for (; t0 < nd; ++t0)
+        pv_rows<A, 1>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
     }
   }
 
   const A inf = std::numeric_limits<A>::infinity();
   const int64_t BH = s.B * s.H;
   for (int64_t i = 0; i < R; ++i) {
-    const A li = lb[i], mi = mb[i];  // lane i % W of query block i / W
-    const A inv = li > 0 ? A(1) / li : A(0);
-    const A lse = li > 0 ? (mi + std::log2(li)) * A(0.6931471805599453) : inf;
-    const A* oti = ot + (i / W) * Dv * W + i % W;
+    const A mi = mb[i];
+    const bool empty = mi == ninf;  // no attended key in this unit's range
+    const A li = qlanes ? lv[i] : hsum<A>(vload(lv + i * W));
+    const A inv = empty ? A(0) : A(1) / li;
+    const A lse = empty ? inf : mi + std::log(li);
+    // value vectors in order: an overlapping tail vector rewrites equal values
+    for (int64_t t = 0; t < nd; ++t) {
+      const A* src = ot + i * ostride + t * W;
+      for (int l = 0; l < W; ++l)
+        if (voff[t] + l < Dv) orow[voff[t] + l] = src[l];
+    }
     const int64_t row = bh * Lq + i0 + i;
     if (s.nsplit == 1) {
-      T* o = static_cast<T*>(P.out) + row * Dv;
-      for (int64_t d = 0; d < Dv; ++d) store_elem(o + d, oti[d * W] * inv);
+      store_row(static_cast<T*>(P.out) + row * Dv, orow, Dv, inv);
       static_cast<A*>(P.lse)[row] = lse;
     } else {
       // A split with no attended key contributes nothing to the merge: lse -inf there.
       const int64_t prow = sp * BH * Lq + row;
       A* o = static_cast<A*>(P.part_o) + prow * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = oti[d * W] * inv;
-      static_cast<A*>(P.part_lse)[prow] = li > 0 ? lse : -inf;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = orow[d] * inv;
+      static_cast<A*>(P.part_lse)[prow] = empty ? -inf : lse;
     }
   }
 }
@@ -299,7 +602,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 // G keys of one query block in the backward: p and ds (lane vectors), dq accumulation
 // (lanes = queries), then dk / dv rows (vectorised over the padded head dim).
 template <typename A, int G>
-static inline void bwd_group(const A* qt, const A* dot, const A* lse2,
+static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
                              const A* delta, const A* kc, const A* vc, int64_t Dk, int64_t Dv,
                              const int32_t* idx, A* dqt, const A* qrow, const A* dorow,
                              int64_t nrows, int64_t Dkp, int64_t Dvp, A* dkc, A* dvc, A* lanebuf) {
@@ -327,7 +630,9 @@ static inline void bwd_group(const A* qt, const A* dot, const A* lse2,
   A* pl = lanebuf;
   A* dsl = lanebuf + G * W;
   for (int g = 0; g < G; ++g) {
-    const V p = vexp2(sacc[g] - l2);  // 0 for rows with no attended key (lse = +inf)
+    // s = (q . k) * scale, +-inf made NaN (s + 0 * s); p = 0 for rows with lse = +inf
+    const V sg = sacc[g] * scale;
+    const V p = vexp2(((sg + A(0) * sg) - l2) * A(1.4426950408889634));
     ds[g] = p * (dpacc[g] - de);
     vstore(pl + g * W, p);
     vstore(dsl + g * W, ds[g]);
@@ -403,7 +708,6 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   int32_t idx[kChunk];
 
   const A scale = A(P.scale);
-  const A sc = A(P.scale * 1.4426950408889634);
   std::fill(qt, qt + 2 * n_qt + n_dot, A(0));  // qt, dqt, dot
   std::fill(lse2, lse2 + n_l, std::numeric_limits<A>::infinity());  // padded lanes: p = 0
   std::fill(delta, delta + n_l + n_qr + n_dor, A(0));  // delta, qrow, dorow
@@ -411,7 +715,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
     const int64_t qb = i / W, lane = i % W;
     for (int64_t d = 0; d < Dk; ++d) {
       const A x = load_elem(q + i * Dk + d);
-      qt[(qb * Dk + d) * W + lane] = x * sc;
+      qt[(qb * Dk + d) * W + lane] = x;
       qrow[i * Dkp + d] = x;
     }
     A dsum = 0;
@@ -422,7 +726,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
       dsum += g * load_elem(o + i * Dv + d);
     }
     delta[i] = dsum;
-    lse2[i] = lse[i] * A(1.4426950408889634);
+    lse2[i] = lse[i];  // natural units: p = 2^((s - lse) log2e)
   }
 
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
@@ -442,10 +746,10 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         const A* dorb = dorow + qb * W * Dvp;
         int t = 0;
         for (; t + 4 <= nv; t += 4)
-          bwd_group<A, 4>(qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
+          bwd_group<A, 4>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
                           dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
         for (; t < nv; ++t)
-          bwd_group<A, 1>(qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
+          bwd_group<A, 1>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
                           dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
       }
     }

@@ -1,0 +1,162 @@
+"""The C++ CPU attention kernels (csrc/attention) against the float64 reference: the issue's
+whole grid on the host functions directly (forward and the three gradients, fp32 / bf16 /
+fp16, masks with all-masked rows, key splits), the numeric contract (masked rows never read,
+non-finite scores, all-masked rows) and gradcheck in float64.
+
+The kernels run with the widest instruction set of this CPU (``fused_cpu.isa()``); CI repeats
+the suite with each narrower variant forced.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from flashsloth_kernels import query_patch_attention
+from flashsloth_kernels.attention import fused_cpu
+from flashsloth_kernels.attention.reference import query_patch_attention_reference
+from flashsloth_kernels.testing import assert_close
+
+LQS = (1, 9, 17)
+LKS = (1, 50, 729, 3645)
+# every head dim of the issue (7, 13, 18, 36, 64, 256) as Dk and as Dv, Dk != Dv included
+DIMS = ((7, 13), (13, 7), (18, 36), (36, 18), (64, 256), (256, 64))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _inputs(B, H, Lq, Lk, Dk, Dv, dtype, masked):
+    q = torch.randn(B, H, Lq, Dk).to(dtype)
+    k = torch.randn(B, H, Lk, Dk).to(dtype)
+    v = torch.randn(B, H, Lk, Dv).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(B, Lk) > 0.3
+        mask[0, 0] = True
+        mask[-1] = False  # the last sample: every key masked
+    return q, k, v, mask
+
+
+def _poison(k, v, mask):
+    """NaN and inf in every masked key / value row: the kernels must never read them."""
+    if mask is None:
+        return k, v
+    k, v = k.clone(), v.clone()
+    rows = ~mask[:, None, :, None]
+    k = k.masked_fill(rows, float("nan"))
+    v = v.masked_fill(rows, float("inf"))
+    return k, v
+
+
+def _oracle(q, k, v, mask, scale, grad):
+    """Autograd through the reference in float64, on the clean (unpoisoned) rows."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, lse = query_patch_attention_reference(*leaves, mask, scale)
+    return out, lse, torch.autograd.grad(out, leaves, grad.double())
+
+
+def _cases():
+    for Lq, Lk, dims, dtype in itertools.product(LQS, LKS, DIMS, DTYPES):
+        # the wide heads with many keys cost the float64 oracle most: one dtype there
+        if dims[0] * dims[1] >= 64 * 256 and Lk == 3645 and dtype != torch.float32:
+            continue
+        yield pytest.param(Lq, Lk, dims, dtype,
+                           id=f"Lq{Lq}-Lk{Lk}-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("Lq,Lk,dims,dtype", list(_cases()))
+def test_grid_against_float64_reference(Lq, Lk, dims, dtype):
+    Dk, Dv = dims
+    # H = 1 with many keys: the key split + merge path; H = 2: one unit per (b, h)
+    B, H = 2, (1 if Lk >= 729 else 2)
+    masked = Lk > 1
+    q, k, v, mask = _inputs(B, H, Lq, Lk, Dk, Dv, dtype, masked)
+    scale = Dk ** -0.5
+    grad = torch.randn(B, H, Lq, Dv).to(dtype)
+    kp, vp = _poison(k, v, mask)
+    out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, scale)
+    dq, dk, dv = fused_cpu.attn_bwd(grad, q, kp, vp, mask, scale, out, lse)
+    ref_out, ref_lse, (rdq, rdk, rdv) = _oracle(q, k, v, mask, scale, grad)
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref_out, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)
+    assert_close("lse", lse[finite], ref_lse[finite], torch.float32)
+    for name, g, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert g.dtype == dtype, name
+        assert_close(name, g, r, dtype)
+    if mask is not None:
+        rows = ~mask[:, None, :, None]
+        assert not dk.masked_select(rows).any() and not dv.masked_select(rows).any()
+        # the all-masked sample: out 0, lse +inf, every gradient 0
+        assert not out[-1].any() and torch.isinf(lse[-1]).all() and (lse[-1] > 0).all()
+        assert not dq[-1].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("H,Lk", [(2, 50), (1, 3645)], ids=["one-unit", "key-split"])
+def test_masked_rows_change_nothing(dtype, H, Lk):
+    """Garbage (NaN, inf, huge) in masked rows gives bit-identical out, lse and dq."""
+    q, k, v, mask = _inputs(2, H, 9, Lk, 18, 36, dtype, True)
+    mask[-1, :3] = True  # no all-masked sample here
+    grad = torch.randn(2, H, 9, 36).to(dtype)
+    clean = fused_cpu.attn_fwd(q, k, v, mask, 0.3)
+    for fill in (float("nan"), float("inf"), -3e38 if dtype != torch.float16 else -6e4):
+        rows = ~mask[:, None, :, None]
+        kg, vg = k.masked_fill(rows, fill), v.masked_fill(rows, fill)
+        out, lse = fused_cpu.attn_fwd(q, kg, vg, mask, 0.3)
+        assert torch.equal(out, clean[0]) and torch.equal(lse, clean[1])
+        dq, dk, dv = fused_cpu.attn_bwd(grad, q, kg, vg, mask, 0.3, out, lse)
+        dq0, dk0, dv0 = fused_cpu.attn_bwd(grad, q, k, v, mask, 0.3, *clean)
+        assert torch.equal(dq, dq0)
+        assert torch.equal(dk.masked_fill(rows, 0), dk0.masked_fill(rows, 0))
+        assert not dk.masked_select(rows).any() and not dv.masked_select(rows).any()
+        assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")],
+                         ids=["pinf", "ninf", "nan"])
+@pytest.mark.parametrize("H,Lk", [(2, 50), (1, 3645)], ids=["one-unit", "key-split"])
+def test_non_finite_score_makes_the_row_nan(bad, H, Lk):
+    """A +-inf or NaN score at an attended key: that row's out and lse are NaN, the others
+    (other heads, other samples) untouched."""
+    q, k, v, _ = _inputs(2, H, 9, Lk, 18, 36, torch.float32, False)
+    q = q.abs()
+    k = k.clone()
+    k[0, 0, Lk - 1, :] = bad  # q > 0: every score of head (0, 0) at that key is `bad`
+    out, lse = fused_cpu.attn_fwd(q, k, v, None, 0.25)
+    assert torch.isnan(lse[0, 0]).all() and torch.isnan(out[0, 0]).all()
+    ref_out, ref_lse = query_patch_attention_reference(q[1:], k[1:], v[1:], None, 0.25)
+    assert_close("out", out[1:], ref_out, torch.float32)
+    assert_close("lse", lse[1:], ref_lse, torch.float32)
+
+
+def test_huge_finite_scores_stay_accurate():
+    """|s| near fp32's top (documented range) is still exact: no pre-scaled q, no overflow."""
+    q = torch.randn(1, 2, 9, 18)
+    k = torch.randn(1, 2, 300, 18) * 1e17
+    v = torch.randn(1, 2, 300, 36)
+    out, lse = fused_cpu.attn_fwd(q, k, v, None, 1e-3)
+    ref_out, ref_lse = query_patch_attention_reference(q.double(), k.double(), v.double(), None,
+                                                       1e-3)
+    assert_close("out", out, ref_out, torch.float32)
+    assert_close("lse", lse, ref_lse, torch.float32)
+    # (the gradients of a one-hot softmax are dp - delta cancellations times |k| ~ 1e17:
+    # ill-conditioned in any fp32 kernel, so not compared here)
+
+
+def test_gradcheck_float64():
+    q = torch.randn(2, 2, 3, 7, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 20, 7, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 20, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 20) > 0.3
+    mask[0, 0] = True
+    mask[1] = False
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: query_patch_attention(q, k, v, mask, 0.4, backend="cpu"), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: query_patch_attention(q, k, v, None, 0.4, backend="cpu"), (q, k, v))
+
+
+def test_isa_is_reported():
+    assert fused_cpu.isa() in ("avx512", "avx2", "baseline")
