@@ -411,37 +411,44 @@ def plot(saved: dict, path: str, curves_path: Optional[str] = None) -> None:
     if not curves_path:
         return
     runs = saved["runs"]
-    fig, axes = plt.subplots(len(families), 3, figsize=(14, 3.4 * len(families)), dpi=100,
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    fig, axes = plt.subplots(len(families), 4, figsize=(17, 3.4 * len(families)), dpi=100,
                              squeeze=False)
     for row, fam in zip(axes, families):
-        for r in runs.values():
+        seeds = sorted({r["seed"] for r in runs.values() if r["family"] == fam})
+        for r in sorted(runs.values(), key=lambda r: (r["mode"], r["seed"])):
             if r["family"] != fam:
                 continue
             st = r["stages"].get("2")
             if not st or not st["curve"]:
                 continue
             colour = MODES[r["mode"]].colour if r["mode"] in MODES else None
+            ls = styles[seeds.index(r["seed"]) % len(styles)]
             steps = [c["step"] for c in st["curve"]]
             row[0].plot(steps, [100 * c["accuracy"] for c in st["curve"]], color=colour, lw=1,
-                        label=f"{r['mode']}" if r["seed"] == min(
-                            x["seed"] for x in runs.values() if x["family"] == fam) else None)
+                        ls=ls, label=r["mode"] if r["seed"] == seeds[0] else None)
             if "i2q_on_cell" in st["curve"][0]:
-                row[1].plot(steps, [c["i2q_on_cell"] for c in st["curve"]], color=colour, lw=1,
-                            label=f"seed {r['seed']}")
-            loss = st["losses"]
-            k = 20
-            smooth = [sum(loss[i:i + k]) / len(loss[i:i + k]) for i in range(0, len(loss), k)]
-            row[2].plot([i + k for i in range(0, len(loss), k)], smooth, color=colour, lw=1)
-        row[0].axhline(100 / FAMILIES[fam][1], color="k", ls="--", lw=1)
-        row[0].set_title(f"{fam}: held-out accuracy (first boards) in stage 2", fontsize=9)
+                lab = f"{r['mode']} seed {r['seed']}"
+                row[1].plot(steps, [c["i2q_on_cell"] for c in st["curve"]], color=colour,
+                            ls=ls, lw=1.2, label=lab)
+                row[2].plot(steps, [c["t2q_on_name"] for c in st["curve"]], color=colour,
+                            ls=ls, lw=1.2, label=lab)
+            g = st.get("grad_norms", {}).get("embq")
+            if g and r.get("embq", True):
+                row[3].plot([10 * (i + 1) for i in range(len(g))], g, color=colour, ls=ls,
+                            lw=1, label=f"{r['mode']} seed {r['seed']}")
+        row[0].axhline(100 / FAMILIES[fam][1], color="k", ls="--", lw=0.8)
+        row[0].set_title(f"{fam}: held-out accuracy, first boards (line style: seed)",
+                         fontsize=9)
         row[0].set_ylabel("%")
         row[0].legend(fontsize=7)
-        row[1].axhline(1 / 36, color="k", ls="--", lw=1)
-        row[1].set_title(f"{fam}: EmbQ's image attention on the named cell (chance 1/36)",
+        row[1].axhline(1 / 36, color="k", ls="--", lw=0.8)
+        row[1].set_title(f"{fam}: EmbQ image attention on the named cell (chance 1/36)",
                          fontsize=9)
         row[1].legend(fontsize=7)
-        row[2].set_yscale("log")
-        row[2].set_title(f"{fam}: stage-2 training loss (20-step means)", fontsize=9)
+        row[2].set_title(f"{fam}: EmbQ text attention on the cell's name", fontsize=9)
+        row[3].set_yscale("log")
+        row[3].set_title(f"{fam}: gradient norm reaching EmbQ (10-step means)", fontsize=9)
         for ax in row:
             ax.set_xlabel("stage-2 step")
             ax.grid(alpha=0.3)
@@ -525,16 +532,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, init, order)")
     p.add_argument("--train", type=int, default=4000, help="training boards")
     p.add_argument("--test", type=int, default=500, help="held-out boards (always full)")
-    p.add_argument("--min-fill", type=float, default=1.0,
+    p.add_argument("--min-fill", type=float, default=0.0,
                    help="training boards fill a fraction in [min-fill, 1] of their cells")
-    p.add_argument("--steps1", type=int, default=200)
-    p.add_argument("--steps2", type=int, default=2000)
+    p.add_argument("--steps1", type=int, default=100)
+    p.add_argument("--steps2", type=int, default=600)
     p.add_argument("--lr1", type=float, default=1e-3)
     p.add_argument("--lr2", type=float, default=2e-3)
     p.add_argument("--warmup1", type=float, default=0.03, help="warm-up share of stage 1")
     p.add_argument("--warmup2", type=float, default=0.03, help="warm-up share of stage 2")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=100,
+    p.add_argument("--eval-every", type=int, default=50,
                    help="stage-2 probe every N steps (0: none)")
     p.add_argument("--probe", type=int, default=100, help="held-out boards of each probe")
     p.add_argument("--verbose", action="store_true", help="print every stage-2 probe")
