@@ -39,9 +39,12 @@ cell's name in the question; and every step the gradient norms reaching EmbQ and
 tokens. docs/training.md discusses them.
 
 The recipe differs from the 3.2B one where a tiny model trained from random weights in minutes
-needs it (docs/training.md, "Recipe"): width-scaled initialisation, stage-2 lr --lr2 with
---warmup2 warm-up, and sparse training boards (--min-fill); the rest is the original's
-(AdamW without weight decay, cosine schedule, clipping at 1.0, each stage's freezing).
+needs it (docs/training.md): width-scaled initialisation and stage-2 lr --lr2 = 2e-3 (not
+2e-5); the rest is the original's (AdamW without weight decay, cosine schedule with --warmup1 /
+--warmup2 warm-up, clipping at 1.0, each stage's freezing). --min-fill < 1 trains on sparser
+boards (held-out boards stay full). The defaults are the earlier single-seed recipe (200 + 2000
+steps, full boards); docs/training.md gives the exact command of each committed result and
+what it measured: with neither recipe does flashsloth beat the other modes on every seed.
 """
 
 from __future__ import annotations
@@ -532,16 +535,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, init, order)")
     p.add_argument("--train", type=int, default=4000, help="training boards")
     p.add_argument("--test", type=int, default=500, help="held-out boards (always full)")
-    p.add_argument("--min-fill", type=float, default=0.0,
+    p.add_argument("--min-fill", type=float, default=1.0,
                    help="training boards fill a fraction in [min-fill, 1] of their cells")
-    p.add_argument("--steps1", type=int, default=100)
-    p.add_argument("--steps2", type=int, default=600)
+    p.add_argument("--steps1", type=int, default=200)
+    p.add_argument("--steps2", type=int, default=2000)
     p.add_argument("--lr1", type=float, default=1e-3)
     p.add_argument("--lr2", type=float, default=2e-3)
     p.add_argument("--warmup1", type=float, default=0.03, help="warm-up share of stage 1")
     p.add_argument("--warmup2", type=float, default=0.03, help="warm-up share of stage 2")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=50,
+    p.add_argument("--eval-every", type=int, default=100,
                    help="stage-2 probe every N steps (0: none)")
     p.add_argument("--probe", type=int, default=100, help="held-out boards of each probe")
     p.add_argument("--verbose", action="store_true", help="print every stage-2 probe")
