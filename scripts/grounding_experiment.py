@@ -670,8 +670,9 @@ def main(argv=None) -> int:
     print()
     print(report(saved, args.out))
     tm = saved["timing"]
-    print(f"\nwall-clock {tm['wall_seconds'] / 60:.1f} min, CPU {tm['cpu_seconds_all_runs'] / 60:.1f}"
-          f" min over all runs (load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
+    print(f"\nwall-clock {tm['wall_seconds'] / 60:.1f} min, CPU "
+          f"{tm['cpu_seconds_all_runs'] / 60:.1f} min over all runs (load average "
+          f"{load0[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores); results in {results_path}")
     return 0
 
