@@ -347,6 +347,9 @@ def verdict(summary: dict) -> Dict[str, str]:
         if not fs or not others:
             continue
         ok_seeds, margin_ok = True, True
+        if min(len(set(fs["seeds"]) & set(v["seeds"])) for v in others.values()) < 2:
+            out[fam] = "fewer than 2 seeds: no spread to compare with"
+            continue
         for m, v in others.items():
             common = sorted(set(fs["seeds"]) & set(v["seeds"]))
             for sd in common:

@@ -42,6 +42,9 @@ def test_summary_and_verdict(ge):
     runs[ge.key("colour", "sap", 1)] = _run("sap", 1, "colour", 0.81)
     summary = ge.summarise(runs, ["colour"], ["flashsloth", "sap"])
     assert "does NOT" in ge.verdict(summary)["colour"]
+    one = {k: v for k, v in runs.items() if k.endswith("/0")}
+    assert "fewer than 2 seeds" in ge.verdict(ge.summarise(one, ["colour"],
+                                                          ["flashsloth", "sap"]))["colour"]
     text = ge.table(summary, ["colour"], ["flashsloth", "sap"], {"flashsloth": 13, "sap": 4})
     assert "85.0% +- 5.0 (90.0, 80.0, 85.0)" in text
 
