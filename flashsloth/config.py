@@ -20,7 +20,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none")
+COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none", "visionzip", "fastv", "random",
+                "downsample")
+# The peers' mechanisms (flashsloth/compression/): each keeps ``budget_per_view`` visual tokens
+PEER_COMPRESSIONS = ("visionzip", "fastv", "random", "downsample")
 
 # Token ids of the original release (flashsloth/constants.py there): the image placeholder is
 # not a vocabulary entry (it is replaced by visual tokens before embedding), "<learnable>" is
@@ -107,6 +110,17 @@ class FlashSlothConfig:
       question_skip_after_answer: tokens skipped after a labelled answer before the next
         question in multi-turn training data (2: the "USER:" role tokens, as the original).
       hd_grid: tiles per side in HD mode (2).
+
+    Fields of the peer modes ("visionzip", "fastv", "random", "downsample"; see
+    flashsloth/compression/):
+      token_budget: visual tokens each view keeps (None: FlashSloth's per-view budget,
+        ceil(grid / sap_window)^2 = 81 at 27 x 27, what "sap" and "avgpool" give; 90 matches
+        FlashSloth's 81 + 9 query tokens of a base image).
+      visionzip_contextual: of those, how many are VisionZip's merged contextual tokens (None:
+        round(budget * 10 / 64), VisionZip's 54 + 10 split of 64; the rest are dominant).
+      fastv_layer: FastV's K, the decoder layers that see every visual token (2); the
+        pruning uses the attention of layer K and acts at the input of layer K + 1.
+      compression_seed: the seed of "random"'s choice of patches (0).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -127,6 +141,10 @@ class FlashSlothConfig:
     question_skip_after_answer: int = 2
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    token_budget: Optional[int] = None
+    visionzip_contextual: Optional[int] = None
+    fastv_layer: int = 2
+    compression_seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -149,11 +167,31 @@ class FlashSlothConfig:
 
     @property
     def tokens_per_view(self) -> int:
+        """Visual tokens per view inserted into the LLM's input sequence."""
         g = self.vision.grid_size
-        if self.compression == "none":
+        if self.compression in ("none", "fastv"):     # fastv prunes inside the LLM
             return g * g
+        if self.compression in PEER_COMPRESSIONS:
+            return self.budget_per_view
         per_side = -(-g // self.sap_window)
         return per_side * per_side
+
+    @property
+    def budget_per_view(self) -> int:
+        """Visual tokens per view the peer modes keep: ``token_budget``, else FlashSloth's
+        ceil(grid / sap_window)^2 (81 at 27 x 27)."""
+        if self.token_budget is not None:
+            return self.token_budget
+        per_side = -(-self.vision.grid_size // self.sap_window)
+        return per_side * per_side
+
+    @property
+    def visionzip_split(self) -> tuple:
+        """(dominant, contextual) tokens per view of "visionzip"."""
+        k = self.budget_per_view
+        c = (self.visionzip_contextual if self.visionzip_contextual is not None
+             else min(k - 1, round(k * 10 / 64)))
+        return k - c, c
 
     @property
     def num_image_tokens(self) -> int:
@@ -167,6 +205,14 @@ class FlashSlothConfig:
         "avgpool", 729 with "none".
         """
         return self.num_image_tokens + (self.num_queries if self.use_queries else 0)
+
+    def num_visual_tokens_kept(self) -> int:
+        """Visual tokens left in the LLM's sequence after every compression step: as
+        ``num_visual_tokens()``, except "fastv", whose 729 per view enter the LLM and
+        ``budget_per_view`` per view remain from layer ``fastv_layer`` + 1 on."""
+        if self.compression == "fastv":
+            return self.num_views * min(self.budget_per_view, self.vision.num_patches)
+        return self.num_visual_tokens()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -208,6 +254,7 @@ class FlashSlothConfig:
                              f"the vocabulary (size {t.vocab_size})")
         if 0 <= self.image_token_id < t.vocab_size and self.image_token_id == self.query_token_id:
             raise ValueError("image_token_id and query_token_id must differ")
+        _validate_peer_fields(self)
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -328,6 +375,33 @@ class FlashSlothConfig:
         fields = {"vision": vision, "text": text, "hd": bool(data.get("image_hd", False)),
                   "embq_num_heads": text.num_attention_heads}
         return cls(**{**fields, **overrides})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_peer_fields(cfg: "FlashSlothConfig") -> None:
+    """The peer modes' fields (token_budget, visionzip_contextual, fastv_layer,
+    compression_seed)."""
+    n = cfg.vision.num_patches
+    if cfg.token_budget is not None and not (_is_int(cfg.token_budget)
+                                             and 1 <= cfg.token_budget <= n):
+        raise ValueError(f"token_budget: expected None or an int in 1..{n} (the patches of a "
+                         f"view), got {cfg.token_budget!r}")
+    k = cfg.budget_per_view
+    if cfg.visionzip_contextual is not None and not (_is_int(cfg.visionzip_contextual)
+                                                     and 0 <= cfg.visionzip_contextual < k):
+        raise ValueError(f"visionzip_contextual: expected None or an int in 0..{k - 1} (at "
+                         f"least one of the {k} tokens is dominant), got "
+                         f"{cfg.visionzip_contextual!r}")
+    layers = cfg.text.num_hidden_layers
+    if not _is_int(cfg.fastv_layer) or cfg.fastv_layer < 1 or (
+            cfg.compression == "fastv" and cfg.fastv_layer >= layers):
+        raise ValueError(f"fastv_layer: expected an int in 1..{layers - 1} (the decoder layers "
+                         f"that see every visual token, of {layers}), got {cfg.fastv_layer!r}")
+    if not _is_int(cfg.compression_seed):
+        raise ValueError(f"compression_seed: expected an int, got {cfg.compression_seed!r}")
 
 
 def _only_fields(klass, values: Dict[str, Any], what: str):
