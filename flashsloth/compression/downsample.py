@@ -81,6 +81,7 @@ def resize_weights(n_in: int, n_out: int) -> Tensor:
     return w
 
 
+@torch.no_grad()
 def downsample_reference(x: Tensor, tokens: int) -> Tensor:
     """Plain float64 reference of :class:`Downsample`: out = Wh @ grid @ Ww^T per channel."""
     g = _square_grid(x)

@@ -107,6 +107,7 @@ class FastV(nn.Module):
         return f"layer={self.layer}, tokens={self.tokens}"
 
 
+@torch.no_grad()
 def fastv_keep_reference(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
                          attention_mask: Tensor, visual: Tensor, tokens: int,
                          query_pos: Optional[Tensor] = None) -> List[List[int]]:

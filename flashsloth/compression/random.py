@@ -53,6 +53,7 @@ class RandomSelect(nn.Module):
         return f"tokens={self.tokens}, views={self.views}, seed={self.seed}"
 
 
+@torch.no_grad()
 def random_reference(x: Tensor, indices: Tensor) -> Tensor:
     """Row by row, patch by patch: out[r, i] = x[r, indices[r, i]]."""
     rows = []

@@ -96,6 +96,7 @@ class VisionZip(nn.Module):
         return f"dominant={self.dominant}, contextual={self.contextual}"
 
 
+@torch.no_grad()
 def visionzip_reference(features: Tensor, probs: Tensor, keys: Tensor, dominant: int,
                         contextual: int) -> Tensor:
     """The steps of :class:`VisionZip` in float64, one view and one patch at a time."""
