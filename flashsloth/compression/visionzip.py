@@ -76,9 +76,10 @@ class VisionZip(nn.Module):
             return dominant
         R = N - D
         step = max(1, R // Cn)
-        pos = torch.arange(R, device=features.device)
-        is_target = (pos % step == 0) & (pos < step * Cn)
-        tgt_pos, oth_pos = pos[is_target], pos[~is_target]
+        targets_at = range(0, step * Cn, step)                # positions among the R
+        others_at = [p for p in range(R) if p % step or p >= step * Cn]
+        tgt_pos = torch.tensor(targets_at, dtype=torch.long, device=features.device)
+        oth_pos = torch.tensor(others_at, dtype=torch.long, device=features.device)
         rest = take(features, rest_idx)                                    # (B, R, C)
         metric = F.normalize(take(keys.mean(1), rest_idx), dim=-1)        # (B, R, hd)
         targets = rest[:, tgt_pos]
