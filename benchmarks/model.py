@@ -245,10 +245,12 @@ def _counts(preset: str, compression: str, dtype: torch.dtype) -> Row:
 class _Timed:
     """One compression mode's model, prompt and timed prefill / decode closures."""
 
-    def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int):
+    def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int,
+                 extra_positions: int = 0):
         from flashsloth.model import FlashSloth
 
-        cfg, _ = model_config(preset, compression, extra_positions=n_new)
+        cfg, _ = model_config(preset, compression,
+                              extra_positions=max(n_new, extra_positions))
         dev = cfg_run.device
         torch.manual_seed(0)
         self.model = FlashSloth(cfg, device=dev, dtype=cfg_run.dtype).eval()
@@ -306,22 +308,30 @@ def _fits_together(preset: str, cfg_run: RunConfig) -> bool:
     return need < (2 << 30)
 
 
-def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
-    """Prefill latency, decode tokens/s and peak memory of every mode of ``preset``.
+def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Row]]:
+    """Prefill latency, decode tokens/s and peak memory of every mode of ``preset``, and the
+    serving rows (benchmarks/serving.py: TTFT / TPOT / e2e over a seeded request set).
 
     Timed after one warm-up prefill + decode each; when the models fit together, the modes
-    take turns (one sample of each per round, the order rotated); otherwise one model at a
-    time. A mode that fails gets {"latency_note": why}.
+    take turns (one sample of each per round, the order rotated; the serving requests
+    likewise); otherwise one model at a time. A mode that fails gets {"latency_note": why}.
     """
+    from . import serving
+
+    big = preset.startswith("flashsloth-")
     n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 16)
-    reps = 3 if cfg_run.quick else 5
+    # a 3.2B prefill takes seconds on a CPU: fewer samples there
+    reps = 3 if cfg_run.quick or (big and not cfg_run.on_gpu) else 5
+    requests = serving.make_requests(serving.workload(preset, cfg_run))
     out: Dict[str, Row] = {}
+    serving_rows: List[Row] = []
 
     def run_modes(modes: List[str]) -> None:
         live: Dict[str, _Timed] = {}
         for comp in modes:
             try:
-                t = _Timed(preset, comp, cfg_run, n_new)
+                t = _Timed(preset, comp, cfg_run, n_new,
+                           serving.extra_positions(requests, N_QUESTION))
                 t.both()  # warm-up (lazy init, allocator, first-call dispatch)
                 live[comp] = t
             except Exception as exc:
@@ -332,6 +342,19 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
                 live[comp].sample()
         for comp in names:
             out[comp] = live[comp].row()
+        servers = {c: serving.Server(live[c].model, cfg_run.device) for c in names}
+        try:
+            serving.run(servers, requests)
+        except Exception as exc:
+            for c in names:
+                serving_rows.append({"section": serving.SECTION, "case": f"{preset}/{c}",
+                                     "provider": "-", "mode": "requests", "status": "error",
+                                     "preset": preset, "compression": c, "note": _why(exc)})
+        else:
+            serving_rows.extend(serving.rows_for(
+                preset, servers, cfg_run,
+                {c: live[c].model.config.num_visual_tokens_kept() for c in names}))
+        servers.clear()
         live.clear()
         free_memory(cfg_run.device)
 
@@ -340,15 +363,16 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
     else:
         for comp in COMPRESSIONS:
             run_modes([comp])
-    return out
+    return out, serving_rows
 
 
 def _preset_case(preset: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
     rows = [_case(preset, comp, cfg_run) for comp in COMPRESSIONS]
     if not timed:
         return rows
+    serving_rows: List[Row] = []
     try:
-        lat = _latencies(preset, cfg_run)
+        lat, serving_rows = _latencies(preset, cfg_run)
     except Exception as exc:
         lat = {comp: {"latency_note": _why(exc)} for comp in COMPRESSIONS}
     for row in rows:
@@ -360,7 +384,7 @@ def _preset_case(preset: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
         why = extra.get("latency_note")
         if why:
             row["note"] = "; ".join(s for s in (row.get("note"), f"latency: {why}") if s)
-    return rows
+    return rows + serving_rows
 
 
 def _case(preset: str, compression: str, cfg_run: RunConfig) -> Row:
