@@ -319,9 +319,11 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Ro
     from . import serving
 
     big = preset.startswith("flashsloth-")
-    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 16)
-    # a 3.2B prefill takes seconds on a CPU: fewer samples there
-    reps = 3 if cfg_run.quick or (big and not cfg_run.on_gpu) else 5
+    # a 3.2B prefill takes seconds and a decode step about one on a CPU: fewer samples and
+    # tokens there (the serving rows add decode percentiles)
+    big_cpu = big and not cfg_run.on_gpu
+    n_new = 8 if cfg_run.quick or big_cpu else (64 if cfg_run.on_gpu else 16)
+    reps = 3 if cfg_run.quick or big_cpu else 5
     requests = serving.make_requests(serving.workload(preset, cfg_run))
     out: Dict[str, Row] = {}
     serving_rows: List[Row] = []
