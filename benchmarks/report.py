@@ -218,16 +218,17 @@ def serving_table(rows: List[Row]) -> Optional[Dict[str, object]]:
               "TPOT p50 / p90 / p99 ms", "e2e p50 / p90 / p99 ms", "req/s", "out tok/s",
               "peak mem", "status"]
     body = []
-    for r in sel:
-        def p3(name):
-            vals = [r.get(f"p{p}_{name}_ms") for p in (50, 90, 99)]
-            return " / ".join(fmt(v) for v in vals) if None not in vals else "-"
 
+    def p3(r, name):
+        vals = [r.get(f"p{p}_{name}_ms") for p in (50, 90, 99)]
+        return " / ".join(fmt(v) for v in vals) if None not in vals else "-"
+
+    for r in sel:
         status = r.get("status", "")
         if status != "ok":
             status = f"{status}: {r.get('note', '')}"
         body.append([r.get("preset", ""), r.get("compression", ""), fmt(r.get("visual_tokens")),
-                     fmt(r.get("completed")), p3("ttft"), p3("tpot"), p3("e2el"),
+                     fmt(r.get("completed")), p3(r, "ttft"), p3(r, "tpot"), p3(r, "e2el"),
                      fmt(r.get("request_throughput")), fmt(r.get("output_throughput")),
                      fmt_bytes(r.get("peak_mem_bytes")), status])
     return {"title": "serving", "header": header, "rows": body,
@@ -436,19 +437,20 @@ def _plot_serving(plt, rows, title):
         return None
     presets = list(dict.fromkeys(r["preset"] for r in sel))
     fig, axes = plt.subplots(len(presets), 2, figsize=(11, 3.6 * len(presets)), squeeze=False)
-    for row_axes, preset in zip(axes, presets):
+    for row_axes, preset in zip(axes, presets, strict=True):
         part = [r for r in sel if r["preset"] == preset]
         names = [r["compression"] for r in part]
         for ax, metric, label in ((row_axes[0], "ttft", "TTFT (prefill + first token)"),
                                   (row_axes[1], "tpot", "TPOT (per output token)")):
             med = [r[f"median_{metric}_ms"] for r in part]
-            p90 = [r.get(f"p90_{metric}_ms") or m for r, m in zip(part, med)]
-            p99 = [r.get(f"p99_{metric}_ms") or m for r, m in zip(part, med)]
+            p90 = [r.get(f"p90_{metric}_ms") or m for r, m in zip(part, med, strict=True)]
+            p99 = [r.get(f"p99_{metric}_ms") or m for r, m in zip(part, med, strict=True)]
             xs = list(range(len(part)))
             colors = ["#d62728" if n == "flashsloth" else "#7f7f7f" if n == "none"
                       else "#1f77b4" for n in names]
             ax.bar(xs, med, color=colors)
-            ax.errorbar(xs, med, yerr=[[0] * len(xs), [b - a for a, b in zip(med, p90)]],
+            ax.errorbar(xs, med, yerr=[[0] * len(xs),
+                                       [b - a for a, b in zip(med, p90, strict=True)]],
                         fmt="none", ecolor="k", capsize=3)
             ax.plot(xs, p99, "k.", label="p99")
             ax.set_xticks(xs)

@@ -69,7 +69,7 @@ def test_a_tiny_run_and_its_vllm_files(tmp_path):
     serving.run(servers, requests)
     for server in servers.values():
         assert len(server.results) == 3
-        for req, res in zip(requests, server.results):
+        for req, res in zip(requests, server.results, strict=True):
             assert res.output_len == req.output_tokens == len(res.itl) + 1
             assert res.input_len == 32 + 1 + 1 + req.question_tokens + 1 + 4
             assert 0 < res.ttft <= res.latency

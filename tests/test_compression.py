@@ -11,10 +11,19 @@ import pytest
 import torch
 
 from flashsloth import FlashSloth, FlashSlothConfig
-from flashsloth.compression import (Downsample, FastV, RandomSelect, VisionZip,
-                                    downsample_reference, fastv_keep_reference, grid_shape,
-                                    keep_positions, last_token_attention, random_patch_indices,
-                                    random_reference, visionzip_reference)
+from flashsloth.compression import (
+    Downsample,
+    RandomSelect,
+    VisionZip,
+    downsample_reference,
+    fastv_keep_reference,
+    grid_shape,
+    keep_positions,
+    last_token_attention,
+    random_patch_indices,
+    random_reference,
+    visionzip_reference,
+)
 from flashsloth.compression.downsample import resize_weights
 from flashsloth.config import IGNORE_INDEX, PEER_COMPRESSIONS
 from flashsloth.language import KVCache, TokenPruning, rotary_cos_sin
@@ -227,7 +236,7 @@ def _masked_reference_logits(model, ids, px, keep_layer):
     lm = model.language_model
     plan = model.token_pruning(layout, ids.numel())
     L = layout.length
-    h = embeds
+    h = h_prev = embeds
     keep_set = None
     for i, layer in enumerate(lm.layers):
         if i == plan.layer:

@@ -217,9 +217,9 @@ def test_prefill_flops_shrink_with_compression():
 def _vision_closed_form(cfg, views):
     """SigLIP tower (patch conv, per layer q/k/v/o + attention + MLP), no pooling counted."""
     v = cfg.vision
-    N, C, I, P = v.num_patches, v.hidden_size, v.intermediate_size, v.patch_size
+    N, C, F, P = v.num_patches, v.hidden_size, v.intermediate_size, v.patch_size
     conv = 2 * N * C * v.num_channels * P * P
-    layer = 2 * N * (4 * C * C + 2 * C * I) + 4 * N * N * C
+    layer = 2 * N * (4 * C * C + 2 * C * F) + 4 * N * N * C
     return views * (conv + v.num_built_layers * layer)
 
 
@@ -229,8 +229,8 @@ def _projector(cfg, tokens):
 
 
 def _decoder_layer(cfg, L):
-    D, I = cfg.text.hidden_size, cfg.text.intermediate_size
-    return 2 * L * (4 * D * D + 2 * D * I) + 4 * L * L * D
+    D, F = cfg.text.hidden_size, cfg.text.intermediate_size
+    return 2 * L * (4 * D * D + 2 * D * F) + 4 * L * L * D
 
 
 @pytest.mark.parametrize("preset", ["flashsloth-3.2b", "flashsloth-hd-3.2b", "tiny-27"])

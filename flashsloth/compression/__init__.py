@@ -4,12 +4,14 @@ Each mode is one small module with its plain PyTorch reference beside it; each k
 ``config.budget_per_view`` visual tokens per view (``config.token_budget``; default
 FlashSloth's 81 per 27 x 27 view, what "sap" and "avgpool" give):
 
-| mode | file | where it acts | what |
-|---|---|---|---|
-| ``visionzip`` | visionzip.py | on the tower's features, with its selected layer's attention | dominant tokens by attention received (SigLIP has no CLS: the mean over all queries) + contextual tokens merged by key similarity |
-| ``fastv`` | fastv.py | inside the LLM | every visual token enters; after layer K (2) only those most attended by the last prompt token stay (prefill only; the KV cache shrinks) |
-| ``random`` | random.py | on the tower's features | a seeded uniform choice of patches per view |
-| ``downsample`` | downsample.py | on the tower's features | the patch grid resized (bilinear, antialiased) to h x w = budget |
+- ``visionzip`` (visionzip.py), on the tower's features with its selected layer's attention:
+  dominant tokens by attention received (SigLIP has no CLS token: the mean over all
+  queries) + contextual tokens merged by key similarity;
+- ``fastv`` (fastv.py), inside the LLM: every visual token enters; after layer K (2) only
+  those most attended by the last prompt token stay (prefill only; the KV cache shrinks);
+- ``random`` (random.py), on the tower's features: a seeded uniform choice of patches;
+- ``downsample`` (downsample.py), on the tower's features: the patch grid resized (bilinear,
+  antialiased) to h x w = budget.
 
 None has parameters: a FlashSloth checkpoint runs in every mode (its SAP, query-token and
 EmbQ weights are not used), and training trains the projector (stage 1) or the projector

@@ -52,7 +52,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g = _square_grid(x)
-        B, N, C = x.shape
+        B, _, C = x.shape
         grid = x.transpose(1, 2).reshape(B, C, g, g)
         work = grid if grid.dtype in (torch.float32, torch.float64) else grid.float()
         out = F.interpolate(work, size=self.out_hw, mode="bilinear", align_corners=False,
@@ -86,7 +86,7 @@ def downsample_reference(x: Tensor, tokens: int) -> Tensor:
     """Plain float64 reference of :class:`Downsample`: out = Wh @ grid @ Ww^T per channel."""
     g = _square_grid(x)
     h, w = grid_shape(tokens)
-    B, N, C = x.shape
+    B, _, C = x.shape
     grid = x.double().reshape(B, g, g, C)
     wh, ww = resize_weights(g, h).to(x.device), resize_weights(g, w).to(x.device)
     out = torch.einsum("ir,brcx,jc->bijx", wh, grid, ww)

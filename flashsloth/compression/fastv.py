@@ -41,7 +41,7 @@ def last_token_attention(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
     decoder ``layer`` (a PhiDecoderLayer) whose input is ``h`` (B, T, D), averaged over heads.
     Keys after the query and padding keys (``attention_mask`` False) get 0."""
     attn = layer.self_attn
-    B, T, D = h.shape
+    B, T, _ = h.shape
     H, hd = attn.num_heads, attn.head_dim
     x = layer.input_layernorm(h)
     rows = torch.arange(B, device=h.device)
@@ -67,7 +67,7 @@ def keep_positions(scores: Tensor, visual: Tensor, attention_mask: Tensor,
                    tokens: int) -> Tensor:
     """(B, T') long: per row the real text positions and its ``tokens`` best-scored visual
     positions, in order, left-padded with -1."""
-    B, T = scores.shape
+    T = scores.shape[1]
     vis = visual & attention_mask
     ranked = scores.float().masked_fill(~vis, float("-inf"))
     top = ranked.topk(min(tokens, T), dim=1).indices
@@ -114,7 +114,7 @@ def fastv_keep_reference(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor,
     """Per row, the positions FastV keeps, from layer K's full eager attention matrix (every
     query, causal and padding masks, float64), read at the query's row."""
     attn = layer.self_attn
-    B, T, D = h.shape
+    B, T, _ = h.shape
     H, hd = attn.num_heads, attn.head_dim
     x = layer.input_layernorm(h).double()
     cos, sin = cos.double().expand(B, -1, -1, -1), sin.double().expand(B, -1, -1, -1)

@@ -59,7 +59,7 @@ class VisionZip(nn.Module):
     def forward(self, features: Tensor, probs: Tensor, keys: Tensor) -> Tensor:
         D, Cn = self.dominant, self.contextual
         _check(features, probs, keys, D + Cn)
-        B, N, C = features.shape
+        B, N, _ = features.shape
         received = probs.float().mean(dim=(1, 2))                          # (B, N)
         top = received.topk(D, dim=1).indices
         is_dom = torch.zeros(B, N, dtype=torch.bool, device=features.device)
