@@ -8,6 +8,7 @@ Also the console tables. Everything here reads rows; nothing here measures.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -48,6 +49,15 @@ def _clean(v):
     return v
 
 
+def _atomic_text(path: Path, text: str, newline: Optional[str] = None) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into place, so an
+    interrupted run never leaves a half-written result file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline=newline) as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 def _public(r: Row) -> Row:
     """A row without its private keys ("_..."; e.g. the serving rows' per-request lists)."""
     return {k: v for k, v in r.items() if not k.startswith("_")}
@@ -59,7 +69,7 @@ def write_json(path: Path, data: Dict[str, object]) -> Path:
 
     write_vllm_files(path.parent, data["rows"])
     rows = [{k: _clean(v) for k, v in _public(r).items()} for r in data["rows"]]
-    path.write_text(json.dumps({**data, "rows": rows}, indent=1, default=str) + "\n")
+    _atomic_text(path, json.dumps({**data, "rows": rows}, indent=1, default=str) + "\n")
     return path
 
 
@@ -67,11 +77,12 @@ def write_csv(path: Path, rows: List[Row]) -> Path:
     rows = [_public(r) for r in rows]
     keys = {k for r in rows for k in r}
     cols = [k for k in _LEAD if k in keys] + sorted(keys - set(_LEAD))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _clean(r.get(k)) for k in cols})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _clean(r.get(k)) for k in cols})
+    _atomic_text(path, buf.getvalue(), newline="")
     return path
 
 
@@ -299,7 +310,7 @@ def write_markdown(path: Path, data: Dict[str, object], plots: Sequence[str]) ->
         lines += ["## plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
         lines.append("")
-    path.write_text("\n".join(lines))
+    _atomic_text(path, "\n".join(lines))
     return path
 
 
@@ -320,7 +331,9 @@ def write_plots(out_dir: Path, rows: List[Row], ctx: Dict[str, object]) -> List[
         if fig is None:
             continue
         path = out_dir / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        tmp.replace(path)
         plt.close(fig)
         written.append(path)
     return written
