@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +40,8 @@ from .flops import count_flops_by_op
 from .timing import _quartiles, peak_memory_bytes, synchronize
 
 SECTION = "model"
-COMPRESSIONS = ("none", "avgpool", "sap", "flashsloth")
+COMPRESSIONS = ("none", "avgpool", "sap", "flashsloth", "visionzip", "fastv", "random",
+                "downsample")
 MODEL_PRESETS = ("tiny", "flashsloth-3.2b", "flashsloth-hd-3.2b")
 # benchmark-local presets: (model preset, overrides)
 LOCAL_PRESETS: Dict[str, Tuple[str, Dict[str, object]]] = {
@@ -156,14 +157,25 @@ def prefill_flops(model, ids: torch.Tensor) -> Dict[str, int]:
     lm = model.language_model
     tcfg = cfg.text
     sig = (dt, dev.type)
+    # VisionZip reads the tower's selected-layer attention; FastV drops visual tokens at the
+    # input of decoder layer K (shorter sequence L' from there on) after ranking them
+    zip_attention = getattr(model.pooling, "needs_attention", False)
+    pruner = model.token_pruner
+    L_kept = L if pruner is None else model.token_pruning(layout, ids.numel()).length
     with _math_sdpa(), torch.no_grad():
         px = make(views, cfg.vision.num_channels, S, S, device=dev, dtype=dt)
-        tower = _memo_count(("tower", repr(cfg.vision), views) + sig,
-                            lambda: model.vision_tower(px))
+        tower = _memo_count(("tower", repr(cfg.vision), views, zip_attention) + sig,
+                            lambda: model.vision_tower(px, return_attention=zip_attention))
         feats = make(views, N, Cv, device=dev, dtype=dt)
+        H = cfg.vision.num_attention_heads
+        probs = make(views, H, N, N, device=dev, dtype=torch.float32) if zip_attention else None
+        keys = make(views, H, N, Cv // H, device=dev, dtype=dt) if zip_attention else None
 
         def pool_project():
-            pooled = feats if model.pooling is None else model.pooling(feats)
+            if zip_attention:
+                pooled = model.pooling(feats, probs, keys)
+            else:
+                pooled = feats if model.pooling is None else model.pooling(feats)
             return model.mm_projector(pooled)
 
         vision = tower + count_flops_by_op(pool_project)[0]
@@ -173,6 +185,16 @@ def prefill_flops(model, ids: torch.Tensor) -> Dict[str, int]:
         cos, sin = rotary_cos_sin(pos, tcfg.rotary_dim, tcfg.rope_theta, dt)
         llm = 0
         for i, layer in enumerate(lm.layers):
+            if pruner is not None and i == pruner.layer:
+                from flashsloth.compression import last_token_attention
+
+                mask = torch.ones(B, L, dtype=torch.bool, device=dev)
+                last = torch.full((B,), L - 1, dtype=torch.long, device=dev)
+                llm += count_flops_by_op(lambda: last_token_attention(
+                    lm.layers[i - 1], h, cos, sin, mask, last))[0]
+                L = L_kept
+                h = make(B, L, tcfg.hidden_size, device=dev, dtype=dt)
+                cos, sin = cos[:, :, :L], sin[:, :, :L]
             if model.lqformer is not None and i == cfg.embq_layer - 1:
                 n_slots = int(layout.question_mask.any(1).sum())
                 if n_slots:
@@ -191,13 +213,14 @@ def prefill_flops(model, ids: torch.Tensor) -> Dict[str, int]:
     return {"total": vision + llm, "vision": vision, "llm": llm}
 
 
-def kv_cache_bytes(model, length: int, batch: int = 1) -> int:
-    """Bytes of the keys and values of ``length`` positions, read off a KVCache built for the
-    model (on its device: on meta it allocates nothing)."""
+def kv_cache_bytes(model, length: int, batch: int = 1, pruned: Optional[tuple] = None) -> int:
+    """Bytes of the keys and values of ``length`` positions (``pruned``: (layer, kept length)
+    after FastV's pruning), read off a KVCache built for the model to hold exactly that (on
+    its device: on meta it allocates nothing)."""
     from flashsloth.language import KVCache
 
-    cache = KVCache.for_model(model.language_model, batch, length)
-    return int(sum(t[:, :, :length].nbytes for t in cache.k + cache.v))
+    cache = KVCache.for_model(model.language_model, batch, length, pruned)
+    return int(sum(t.nbytes for t in cache.k + cache.v))
 
 
 def _counts(preset: str, compression: str, dtype: torch.dtype) -> Row:
@@ -208,19 +231,26 @@ def _counts(preset: str, compression: str, dtype: torch.dtype) -> Row:
     ids = prompt_ids(cfg)
     vis, L = visual_tokens_in_layout(model, ids)
     fl = prefill_flops(model, ids)
-    return {"visual_tokens": vis, "seq_len": L, "params": model.num_parameters(),
+    pruned = None
+    if model.token_pruner is not None:      # fastv: every visual token enters, fewer stay
+        plan = model.token_pruning(model.build_layout(ids.cpu()), ids.numel())
+        pruned = (plan.layer, plan.length)
+    return {"visual_tokens": vis, "visual_tokens_kept": cfg.num_visual_tokens_kept(),
+            "seq_len": L, "params": model.num_parameters(),
             "weights_bytes": int(sum(p.nbytes for p in model.parameters())),
             "prefill_flops": fl["total"], "vision_flops": fl["vision"], "llm_flops": fl["llm"],
-            "kv_cache_bytes": kv_cache_bytes(model, L), "note": note}
+            "kv_cache_bytes": kv_cache_bytes(model, L, pruned=pruned), "note": note}
 
 
 class _Timed:
     """One compression mode's model, prompt and timed prefill / decode closures."""
 
-    def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int):
+    def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int,
+                 extra_positions: int = 0):
         from flashsloth.model import FlashSloth
 
-        cfg, _ = model_config(preset, compression, extra_positions=n_new)
+        cfg, _ = model_config(preset, compression,
+                              extra_positions=max(n_new, extra_positions))
         dev = cfg_run.device
         torch.manual_seed(0)
         self.model = FlashSloth(cfg, device=dev, dtype=cfg_run.dtype).eval()
@@ -278,22 +308,32 @@ def _fits_together(preset: str, cfg_run: RunConfig) -> bool:
     return need < (2 << 30)
 
 
-def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
-    """Prefill latency, decode tokens/s and peak memory of every mode of ``preset``.
+def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Row]]:
+    """Prefill latency, decode tokens/s and peak memory of every mode of ``preset``, and the
+    serving rows (benchmarks/serving.py: TTFT / TPOT / e2e over a seeded request set).
 
     Timed after one warm-up prefill + decode each; when the models fit together, the modes
-    take turns (one sample of each per round, the order rotated); otherwise one model at a
-    time. A mode that fails gets {"latency_note": why}.
+    take turns (one sample of each per round, the order rotated; the serving requests
+    likewise); otherwise one model at a time. A mode that fails gets {"latency_note": why}.
     """
-    n_new = 8 if cfg_run.quick else (64 if cfg_run.on_gpu else 16)
-    reps = 3 if cfg_run.quick else 5
+    from . import serving
+
+    big = preset.startswith("flashsloth-")
+    # a 3.2B prefill takes seconds and a decode step about one on a CPU: fewer samples and
+    # tokens there (the serving rows add decode percentiles)
+    big_cpu = big and not cfg_run.on_gpu
+    n_new = 8 if cfg_run.quick or big_cpu else (64 if cfg_run.on_gpu else 16)
+    reps = 3 if cfg_run.quick or big_cpu else 5
+    requests = serving.make_requests(serving.workload(preset, cfg_run))
     out: Dict[str, Row] = {}
+    serving_rows: List[Row] = []
 
     def run_modes(modes: List[str]) -> None:
         live: Dict[str, _Timed] = {}
         for comp in modes:
             try:
-                t = _Timed(preset, comp, cfg_run, n_new)
+                t = _Timed(preset, comp, cfg_run, n_new,
+                           serving.extra_positions(requests, N_QUESTION))
                 t.both()  # warm-up (lazy init, allocator, first-call dispatch)
                 live[comp] = t
             except Exception as exc:
@@ -304,6 +344,19 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
                 live[comp].sample()
         for comp in names:
             out[comp] = live[comp].row()
+        servers = {c: serving.Server(live[c].model, cfg_run.device) for c in names}
+        try:
+            serving.run(servers, requests)
+        except Exception as exc:
+            for c in names:
+                serving_rows.append({"section": serving.SECTION, "case": f"{preset}/{c}",
+                                     "provider": "-", "mode": "requests", "status": "error",
+                                     "preset": preset, "compression": c, "note": _why(exc)})
+        else:
+            serving_rows.extend(serving.rows_for(
+                preset, servers, cfg_run,
+                {c: live[c].model.config.num_visual_tokens_kept() for c in names}))
+        servers.clear()
         live.clear()
         free_memory(cfg_run.device)
 
@@ -312,15 +365,16 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Dict[str, Row]:
     else:
         for comp in COMPRESSIONS:
             run_modes([comp])
-    return out
+    return out, serving_rows
 
 
 def _preset_case(preset: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
     rows = [_case(preset, comp, cfg_run) for comp in COMPRESSIONS]
     if not timed:
         return rows
+    serving_rows: List[Row] = []
     try:
-        lat = _latencies(preset, cfg_run)
+        lat, serving_rows = _latencies(preset, cfg_run)
     except Exception as exc:
         lat = {comp: {"latency_note": _why(exc)} for comp in COMPRESSIONS}
     for row in rows:
@@ -332,7 +386,7 @@ def _preset_case(preset: str, cfg_run: RunConfig, timed: bool) -> List[Row]:
         why = extra.get("latency_note")
         if why:
             row["note"] = "; ".join(s for s in (row.get("note"), f"latency: {why}") if s)
-    return rows
+    return rows + serving_rows
 
 
 def _case(preset: str, compression: str, cfg_run: RunConfig) -> Row:

@@ -1,5 +1,6 @@
 """Outputs of a run: results.json (every number with its context), results.csv, report.md and
-three PNG plots drawn from the same rows (speedup.png, latency.png, model.png).
+four PNG plots drawn from the same rows (speedup.png, latency.png, model.png, serving.png), and
+the serving rows' vLLM-layout files (serving/<preset>__<mode>.json).
 
 Also the console tables. Everything here reads rows; nothing here measures.
 """
@@ -7,6 +8,7 @@ Also the console tables. Everything here reads rows; nothing here measures.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -22,7 +24,7 @@ _LEAD = ["section", "case", "mode", "provider", "status", "dtype", "B", "Lk", "p
          "gflops", "gbps", "pct_matmul_ceiling", "pct_copy_ceiling", "ratio_to_floor",
          "fused_speedup", "peak_mem_bytes", "note"]
 
-PLOTS = ("speedup.png", "latency.png", "model.png")
+PLOTS = ("speedup.png", "latency.png", "model.png", "serving.png")
 
 
 def payload(context: Dict[str, object], ceilings: Optional[Dict[str, object]], rows: List[Row],
@@ -47,20 +49,40 @@ def _clean(v):
     return v
 
 
+def _atomic_text(path: Path, text: str, newline: Optional[str] = None) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into place, so an
+    interrupted run never leaves a half-written result file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline=newline) as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def _public(r: Row) -> Row:
+    """A row without its private keys ("_..."; e.g. the serving rows' per-request lists)."""
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
 def write_json(path: Path, data: Dict[str, object]) -> Path:
-    rows = [{k: _clean(v) for k, v in r.items()} for r in data["rows"]]
-    path.write_text(json.dumps({**data, "rows": rows}, indent=1, default=str) + "\n")
+    """results.json; serving rows also get their vLLM-layout files in serving/ beside it."""
+    from .serving import write_vllm_files
+
+    write_vllm_files(path.parent, data["rows"])
+    rows = [{k: _clean(v) for k, v in _public(r).items()} for r in data["rows"]]
+    _atomic_text(path, json.dumps({**data, "rows": rows}, indent=1, default=str) + "\n")
     return path
 
 
 def write_csv(path: Path, rows: List[Row]) -> Path:
+    rows = [_public(r) for r in rows]
     keys = {k for r in rows for k in r}
     cols = [k for k in _LEAD if k in keys] + sorted(keys - set(_LEAD))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _clean(r.get(k)) for k in cols})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _clean(r.get(k)) for k in cols})
+    _atomic_text(path, buf.getvalue(), newline="")
     return path
 
 
@@ -149,7 +171,11 @@ def model_table(rows: List[Row]) -> Optional[Dict[str, object]]:
             status = f"{status}: {r.get('note', '')}"
         elif r.get("note"):
             status = f"ok ({r['note']})"
-        body.append([r.get("preset", ""), r.get("compression", ""), fmt(r.get("visual_tokens")),
+        tokens = fmt(r.get("visual_tokens"))
+        kept = r.get("visual_tokens_kept")
+        if kept is not None and kept != r.get("visual_tokens"):
+            tokens = f"{tokens} -> {fmt(kept)}"        # fastv: all enter, fewer stay
+        body.append([r.get("preset", ""), r.get("compression", ""), tokens,
                      fmt_count(r.get("params")), fmt_bytes(r.get("weights_bytes")),
                      fmt_count(r.get("prefill_flops")),
                      fmt_bytes(r.get("kv_cache_bytes")), fmt_bytes(r.get("peak_mem_bytes")),
@@ -195,6 +221,36 @@ def train_table(rows: List[Row]) -> Optional[Dict[str, object]]:
                        "(activations, gradients, temporaries); reduction against none"}
 
 
+def serving_table(rows: List[Row]) -> Optional[Dict[str, object]]:
+    sel = [r for r in rows if r.get("section") == "serving"]
+    if not sel:
+        return None
+    header = ["preset", "compression", "visual tokens", "requests", "TTFT p50 / p90 / p99 ms",
+              "TPOT p50 / p90 / p99 ms", "e2e p50 / p90 / p99 ms", "req/s", "out tok/s",
+              "peak mem", "status"]
+    body = []
+
+    def p3(r, name):
+        vals = [r.get(f"p{p}_{name}_ms") for p in (50, 90, 99)]
+        return " / ".join(fmt(v) for v in vals) if None not in vals else "-"
+
+    for r in sel:
+        status = r.get("status", "")
+        if status != "ok":
+            status = f"{status}: {r.get('note', '')}"
+        body.append([r.get("preset", ""), r.get("compression", ""), fmt(r.get("visual_tokens")),
+                     fmt(r.get("completed")), p3(r, "ttft"), p3(r, "tpot"), p3(r, "e2el"),
+                     fmt(r.get("request_throughput")), fmt(r.get("output_throughput")),
+                     fmt_bytes(r.get("peak_mem_bytes")), status])
+    return {"title": "serving", "header": header, "rows": body,
+            "caption": "measured: a seeded set of requests with varied prompt and answer "
+                       "lengths, one at a time (batch 1), greedy cached decoding; TTFT = "
+                       "prefill (vision tower and compression included) + first token; TPOT = "
+                       "(e2e - TTFT) / (output tokens - 1); throughput per second of summed "
+                       "request time; peak mem: the longest request, above the weights. "
+                       "vLLM-layout JSON per row in serving/"}
+
+
 def bars_table(bars: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
     if not bars:
         return None
@@ -206,9 +262,9 @@ def bars_table(bars: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
 
 def all_tables(rows: List[Row], bars: List[Dict[str, object]]) -> List[Dict[str, object]]:
     tables = [op_table(rows, "ops/sap"), op_table(rows, "ops/attention"), model_table(rows),
-              train_table(rows), bars_table(bars)]
+              serving_table(rows), train_table(rows), bars_table(bars)]
     other = sorted({r.get("section") for r in rows} - {"ops/sap", "ops/attention", "model",
-                                                         "train"})
+                                                         "serving", "train"})
     for sec in other:  # a section that failed as a whole: its status rows
         sel = [r for r in rows if r.get("section") == sec]
         tables.append({"title": str(sec), "header": ["case", "status", "note"],
@@ -254,7 +310,7 @@ def write_markdown(path: Path, data: Dict[str, object], plots: Sequence[str]) ->
         lines += ["## plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
         lines.append("")
-    path.write_text("\n".join(lines))
+    _atomic_text(path, "\n".join(lines))
     return path
 
 
@@ -270,12 +326,14 @@ def write_plots(out_dir: Path, rows: List[Row], ctx: Dict[str, object]) -> List[
     written: List[Path] = []
     title = f"{ctx.get('device')} · {ctx.get('config', {}).get('dtype')}"
     for name, fn in (("speedup.png", _plot_speedup), ("latency.png", _plot_latency),
-                     ("model.png", _plot_model)):
+                     ("model.png", _plot_model), ("serving.png", _plot_serving)):
         fig = fn(plt, rows, title)
         if fig is None:
             continue
         path = out_dir / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        tmp.replace(path)
         plt.close(fig)
         written.append(path)
     return written
@@ -361,8 +419,8 @@ def _plot_model(plt, rows, title):
     if not sel:
         return None
     presets = list(dict.fromkeys(r["preset"] for r in sel))
-    modes = [m for m in ("none", "avgpool", "sap", "flashsloth")
-             if any(r["compression"] == m for r in sel)]
+    modes = [m for m in ("none", "avgpool", "sap", "flashsloth", "visionzip", "fastv",
+                         "random", "downsample") if any(r["compression"] == m for r in sel)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(modes))
     for ax, key, label in ((axes[0], "visual_tokens", "visual tokens into the LLM"),
@@ -380,5 +438,39 @@ def _plot_model(plt, rows, title):
         ax.set_xticklabels(presets, fontsize=7)
         ax.set_title(f"{label} · {title}", fontsize=9)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_serving(plt, rows, title):
+    """Per preset: TTFT and TPOT per compression mode, bar = median, whisker to p90, dot at
+    p99 (measured times)."""
+    sel = [r for r in _ok(rows, "serving") if r.get("median_ttft_ms") is not None]
+    if not sel:
+        return None
+    presets = list(dict.fromkeys(r["preset"] for r in sel))
+    fig, axes = plt.subplots(len(presets), 2, figsize=(11, 3.6 * len(presets)), squeeze=False)
+    for row_axes, preset in zip(axes, presets, strict=True):
+        part = [r for r in sel if r["preset"] == preset]
+        names = [r["compression"] for r in part]
+        for ax, metric, label in ((row_axes[0], "ttft", "TTFT (prefill + first token)"),
+                                  (row_axes[1], "tpot", "TPOT (per output token)")):
+            med = [r[f"median_{metric}_ms"] for r in part]
+            p90 = [r.get(f"p90_{metric}_ms") or m for r, m in zip(part, med, strict=True)]
+            p99 = [r.get(f"p99_{metric}_ms") or m for r, m in zip(part, med, strict=True)]
+            xs = list(range(len(part)))
+            colors = ["#d62728" if n == "flashsloth" else "#7f7f7f" if n == "none"
+                      else "#1f77b4" for n in names]
+            ax.bar(xs, med, color=colors)
+            ax.errorbar(xs, med, yerr=[[0] * len(xs),
+                                       [b - a for a, b in zip(med, p90, strict=True)]],
+                        fmt="none", ecolor="k", capsize=3)
+            ax.plot(xs, p99, "k.", label="p99")
+            ax.set_xticks(xs)
+            ax.set_xticklabels(names, fontsize=7, rotation=30)
+            ax.set_ylabel("ms")
+            ax.set_title(f"{preset}: {label}, median (bar), p90 (whisker) · {title}",
+                         fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -16,8 +16,9 @@ Keys ignored on load (present in some checkpoints, unused by the model):
     encoder layers past the selected one (the original deletes the last layer) and
     embeddings.position_ids (a buffer older transformers versions saved);
   - *.rotary_emb.inv_freq (a buffer older transformers versions saved; recomputed here);
-  - modules the chosen compression mode does not build: model.pooling.* for "avgpool" and
-    "none", model.learnable_tokens.* and model.lqformer.* for every mode but "flashsloth".
+  - modules the chosen compression mode does not build: model.pooling.* for every mode but
+    "flashsloth" and "sap", model.learnable_tokens.* and model.lqformer.* for every mode but
+    "flashsloth".
 Any other unknown key, any missing key and any shape mismatch raises CheckpointError listing
 them. Nothing is ever unpickled: safetensors files, or torch.load(weights_only=True).
 """
@@ -85,7 +86,7 @@ def _ignored(key: str, config: FlashSlothConfig) -> bool:
             return True
     if key.endswith(".rotary_emb.inv_freq"):
         return True
-    if config.compression in ("avgpool", "none") and key.startswith("model.pooling."):
+    if config.compression not in ("flashsloth", "sap") and key.startswith("model.pooling."):
         return True
     if not config.use_queries and key.startswith(("model.learnable_tokens.", "model.lqformer.")):
         return True

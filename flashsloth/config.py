@@ -22,7 +22,10 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none")
+COMPRESSIONS = ("flashsloth", "sap", "avgpool", "none", "visionzip", "fastv", "random",
+                "downsample")
+# The peers' mechanisms (flashsloth/compression/): each keeps ``budget_per_view`` visual tokens
+PEER_COMPRESSIONS = ("visionzip", "fastv", "random", "downsample")
 # How a base-mode image becomes a square (the original's config.json "image_aspect_ratio"):
 # "squash" resizes without keeping the aspect ratio; "pad" first pads the short side with the
 # image mean colour (the original's expand2square). HD mode always pads its tiles.
@@ -117,6 +120,17 @@ class FlashSlothConfig:
       hd_grid: tiles per side in HD mode (2).
       image_aspect_ratio: "squash" (resize without keeping the aspect) or "pad" (pad the short
         side with the mean colour first, the original's "pad"); base mode only.
+
+    Fields of the peer modes ("visionzip", "fastv", "random", "downsample"; see
+    flashsloth/compression/):
+      token_budget: visual tokens each view keeps (None: FlashSloth's per-view budget,
+        ceil(grid / sap_window)^2 = 81 at 27 x 27, what "sap" and "avgpool" give; 90 matches
+        FlashSloth's 81 + 9 query tokens of a base image).
+      visionzip_contextual: of those, how many are VisionZip's merged contextual tokens (None:
+        round(budget * 10 / 64), VisionZip's 54 + 10 split of 64; the rest are dominant).
+      fastv_layer: FastV's K, the decoder layers that see every visual token (2); the
+        pruning uses the attention of layer K and acts at the input of layer K + 1.
+      compression_seed: the seed of "random"'s choice of patches (0).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -138,6 +152,10 @@ class FlashSlothConfig:
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     image_aspect_ratio: str = "squash"
+    token_budget: Optional[int] = None
+    visionzip_contextual: Optional[int] = None
+    fastv_layer: int = 2
+    compression_seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -162,11 +180,31 @@ class FlashSlothConfig:
 
     @property
     def tokens_per_view(self) -> int:
+        """Visual tokens per view inserted into the LLM's input sequence."""
         g = self.vision.grid_size
-        if self.compression == "none":
+        if self.compression in ("none", "fastv"):     # fastv prunes inside the LLM
             return g * g
+        if self.compression in PEER_COMPRESSIONS:
+            return self.budget_per_view
         per_side = -(-g // self.sap_window)
         return per_side * per_side
+
+    @property
+    def budget_per_view(self) -> int:
+        """Visual tokens per view the peer modes keep: ``token_budget``, else FlashSloth's
+        ceil(grid / sap_window)^2 (81 at 27 x 27)."""
+        if self.token_budget is not None:
+            return self.token_budget
+        per_side = -(-self.vision.grid_size // self.sap_window)
+        return per_side * per_side
+
+    @property
+    def visionzip_split(self) -> tuple:
+        """(dominant, contextual) tokens per view of "visionzip"."""
+        k = self.budget_per_view
+        c = (self.visionzip_contextual if self.visionzip_contextual is not None
+             else min(k - 1, round(k * 10 / 64)))
+        return k - c, c
 
     @property
     def num_image_tokens(self) -> int:
@@ -180,6 +218,14 @@ class FlashSlothConfig:
         "avgpool", 729 with "none".
         """
         return self.num_image_tokens + (self.num_queries if self.use_queries else 0)
+
+    def num_visual_tokens_kept(self) -> int:
+        """Visual tokens left in the LLM's sequence after every compression step: as
+        ``num_visual_tokens()``, except "fastv", whose 729 per view enter the LLM and
+        ``budget_per_view`` per view remain from layer ``fastv_layer`` + 1 on."""
+        if self.compression == "fastv":
+            return self.num_views * min(self.budget_per_view, self.vision.num_patches)
+        return self.num_visual_tokens()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -251,6 +297,7 @@ class FlashSlothConfig:
         if self.image_token_id == self.query_token_id:
             raise ValueError(f"image_token_id and query_token_id must differ, both are "
                              f"{self.image_token_id}")
+        _validate_peer_fields(self)
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -478,6 +525,9 @@ _GLUE_FIELDS = {
     "query_token_id": ("int",), "query_offset_token_id": ("int", 0, None, True),
     "question_skip_after_image": ("int", 0), "question_skip_after_answer": ("int", 0),
     "image_aspect_ratio": ("str",),
+    # the peer modes' fields; their relations (budget <= patches, ...) in _validate_peer_fields
+    "token_budget": ("int", 1, None, True), "visionzip_contextual": ("int", 0, None, True),
+    "fastv_layer": ("int", 1), "compression_seed": ("int",),
 }
 
 
@@ -490,6 +540,29 @@ def check_model_dtype(name: str, dtype) -> None:
     allowed = tuple(getattr(torch, n) for n in MODEL_DTYPES)
     if dtype not in allowed:
         raise ValueError(f"{name}: expected one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+
+
+def _validate_peer_fields(cfg: "FlashSlothConfig") -> None:
+    """The peer modes' fields (token_budget, visionzip_contextual, fastv_layer,
+    compression_seed)."""
+    n = cfg.vision.num_patches
+    if cfg.token_budget is not None and not (_is_int(cfg.token_budget)
+                                             and 1 <= cfg.token_budget <= n):
+        raise ValueError(f"token_budget: expected None or an int in 1..{n} (the patches of a "
+                         f"view), got {cfg.token_budget!r}")
+    k = cfg.budget_per_view
+    if cfg.visionzip_contextual is not None and not (_is_int(cfg.visionzip_contextual)
+                                                     and 0 <= cfg.visionzip_contextual < k):
+        raise ValueError(f"visionzip_contextual: expected None or an int in 0..{k - 1} (at "
+                         f"least one of the {k} tokens is dominant), got "
+                         f"{cfg.visionzip_contextual!r}")
+    layers = cfg.text.num_hidden_layers
+    if not _is_int(cfg.fastv_layer) or cfg.fastv_layer < 1 or (
+            cfg.compression == "fastv" and cfg.fastv_layer >= layers):
+        raise ValueError(f"fastv_layer: expected an int in 1..{layers - 1} (the decoder layers "
+                         f"that see every visual token, of {layers}), got {cfg.fastv_layer!r}")
+    if not _is_int(cfg.compression_seed):
+        raise ValueError(f"compression_seed: expected an int, got {cfg.compression_seed!r}")
 
 
 def _only_fields(klass, values: Dict[str, Any], what: str):

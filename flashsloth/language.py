@@ -29,41 +29,100 @@ class KVCache:
     k[i], v[i]: (B, H, max_len, head_dim); ``length`` positions are filled. ``key_mask``
     (B, max_len) bool marks real (non-padding) keys; ``next_position`` (B,) is the rotary
     position of each row's next token.
+
+    After a prefill that dropped tokens at the input of layer ``pruned_layer`` (FastV, see
+    :class:`TokenPruning`), the layers from there on hold fewer keys: their k / v are
+    (B, H, pruned_max_len, head_dim), filled up to ``pruned_length``, with their own
+    ``pruned_key_mask``.
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, *,
+                 pruned_layer: Optional[int] = None, pruned_max_len: Optional[int] = None):
         self.max_len = max_len
-        self.k: List[Tensor] = [torch.zeros(batch, num_heads, max_len, head_dim, dtype=dtype,
-                                            device=device) for _ in range(num_layers)]
+        self.pruned_layer = pruned_layer
+        caps = [max_len if pruned_layer is None or i < pruned_layer else pruned_max_len
+                for i in range(num_layers)]
+        self.k: List[Tensor] = [torch.zeros(batch, num_heads, cap, head_dim, dtype=dtype,
+                                            device=device) for cap in caps]
         self.v: List[Tensor] = [torch.zeros_like(t) for t in self.k]
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
+        self.pruned_key_mask = (None if pruned_layer is None else
+                                torch.zeros(batch, pruned_max_len, dtype=torch.bool,
+                                            device=device))
+        self.pruned_length = 0
 
     @classmethod
-    def for_model(cls, lm: "PhiLanguageModel", batch: int, max_len: int) -> "KVCache":
+    def for_model(cls, lm: "PhiLanguageModel", batch: int, max_len: int,
+                  pruned: Optional[tuple] = None) -> "KVCache":
+        """``pruned``: (layer, max_len of the layers from ``layer`` on), for a FastV prefill."""
         cfg = lm.config
         w = lm.embed_tokens.weight
+        layer, cap = pruned if pruned is not None else (None, None)
         return cls(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim,
-                   w.dtype, w.device)
+                   w.dtype, w.device, pruned_layer=layer, pruned_max_len=cap)
+
+    def is_pruned(self, layer: int) -> bool:
+        return self.pruned_layer is not None and layer >= self.pruned_layer
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, H, T, hd) new keys/values at [length, length + T); return all keys so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache: {self.length} cached + {k.shape[2]} new tokens exceed "
-                             f"its max_len {self.max_len}")
+        length = self.pruned_length if self.is_pruned(layer) else self.length
+        cap = self.k[layer].shape[2]
+        start, end = length, length + k.shape[2]
+        if end > cap:
+            raise ValueError(f"KVCache: {length} cached + {k.shape[2]} new tokens exceed "
+                             f"its max_len {cap} (layer {layer})")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, attention_mask: Tensor) -> None:
-        """After all layers ran on T new tokens: mark them (attention_mask (B, T) bool)."""
+    def advance(self, attention_mask: Tensor, pruned_attention_mask: Optional[Tensor] = None
+                ) -> None:
+        """After all layers ran on T new tokens: mark them (attention_mask (B, T) bool); the
+        pruned layers' keys are marked by ``pruned_attention_mask`` (default: the same)."""
         T = attention_mask.shape[1]
         self.key_mask[:, self.length:self.length + T] = attention_mask
         self.length += T
         self.next_position = self.key_mask[:, :self.length].sum(1)
+        if self.pruned_layer is not None:
+            m = attention_mask if pruned_attention_mask is None else pruned_attention_mask
+            n = m.shape[1]
+            self.pruned_key_mask[:, self.pruned_length:self.pruned_length + n] = m
+            self.pruned_length += n
+
+
+class TokenPruning:
+    """Tokens dropped once, at the input of decoder layer ``layer`` (from 0, >= 1), in a
+    prefill or a full forward (FastV; see flashsloth/compression/fastv.py).
+
+    ``select(prev_layer, h, cos, sin, attention_mask)`` gets decoder layer ``layer - 1`` and
+    its input (h (B, T, D), rotary cos / sin (B, 1, T, r), attention_mask (B, T) bool) and
+    returns keep (B, T') long: the positions that stay, in order, left-padded with -1.
+    ``length`` is T', known before the run (it sizes the KV cache). Kept tokens keep their
+    rotary positions. After the run ``keep`` holds what ``select`` returned.
+    """
+
+    def __init__(self, layer: int, length: int, select: Callable[..., Tensor]):
+        self.layer, self.length, self.select = layer, length, select
+        self.keep: Optional[Tensor] = None
+
+    def apply(self, keep: Tensor, h: Tensor, cos: Tensor, sin: Tensor,
+              attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(h, cos, sin, attention_mask) of the kept positions."""
+        if keep.shape[1] != self.length:
+            raise ValueError(f"TokenPruning: select kept {keep.shape[1]} positions, "
+                             f"{self.length} were planned")
+        self.keep = keep
+        B = h.shape[0]
+        idx = keep.clamp(min=0)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+        rot = idx[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+        cos = cos.expand(B, -1, -1, -1).gather(2, rot)
+        sin = sin.expand(B, -1, -1, -1).gather(2, rot)
+        return h, cos, sin, attention_mask.gather(1, idx) & (keep >= 0)
 
 
 def rotary_cos_sin(position_ids: Tensor, rotary_dim: int, theta: float,
@@ -179,16 +238,20 @@ class PhiLanguageModel(nn.Module):
     def forward(self, inputs_embeds: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
                 layer_hook: Optional[LayerHook] = None,
-                logits_to_keep: Optional[int] = None) -> Tensor:
-        h = self.hidden_states(inputs_embeds, attention_mask, position_ids, cache, layer_hook)
+                logits_to_keep: Optional[int] = None,
+                pruning: Optional[TokenPruning] = None) -> Tensor:
+        h = self.hidden_states(inputs_embeds, attention_mask, position_ids, cache, layer_hook,
+                               pruning)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 
     def hidden_states(self, inputs_embeds: Tensor, attention_mask: Optional[Tensor] = None,
                       position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None,
-                      layer_hook: Optional[LayerHook] = None) -> Tensor:
-        """Final-layernormed hidden states (B, T, D); same arguments as forward."""
+                      layer_hook: Optional[LayerHook] = None,
+                      pruning: Optional[TokenPruning] = None) -> Tensor:
+        """Final-layernormed hidden states (B, T, D); same arguments as forward. With
+        ``pruning``, (B, T', D) over the positions in ``pruning.keep``."""
         B, T, _ = inputs_embeds.shape
         device = inputs_embeds.device
         past = cache.length if cache is not None else 0
@@ -214,11 +277,35 @@ class PhiLanguageModel(nn.Module):
         # (it sees every cached key). Its is_causal aligns top-left, so T > 1 after a past does.
         need_mask = padded or (past > 0 and T > 1)
         mask = build_attention_mask(key_mask, past, T) if need_mask else None
+        if pruning is not None:
+            if not 1 <= pruning.layer < len(self.layers) or past:
+                raise ValueError(f"pruning: tokens are dropped in a prefill (no cached keys, "
+                                 f"got {past}) at a layer in 1..{len(self.layers) - 1}, got "
+                                 f"{pruning.layer}")
+            if cache is not None and cache.pruned_layer != pruning.layer:
+                raise ValueError(f"pruning: the cache was not built for pruning at layer "
+                                 f"{pruning.layer} (KVCache.for_model(..., pruned=...))")
+        kept_mask = None
         h = inputs_embeds
+        h_prev = h
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:
                 h = layer_hook(i, h)
+            if pruning is not None and i == pruning.layer:
+                keep = pruning.select(self.layers[i - 1], h_prev, cos, sin, attention_mask)
+                h, cos, sin, kept_mask = pruning.apply(keep, h, cos, sin, attention_mask)
+                padded = not bool(kept_mask.all())
+                mask = build_attention_mask(kept_mask, 0, h.shape[1]) if padded else None
+            elif pruning is None and cache is not None and i == cache.pruned_layer:
+                # decoding after a pruned prefill: from here on the layers hold fewer keys
+                p_past = cache.pruned_length
+                p_keys = cache.pruned_key_mask.clone()
+                p_keys[:, p_past:p_past + T] = attention_mask
+                padded = not bool(p_keys[:, :p_past + T].all())
+                mask = (build_attention_mask(p_keys, p_past, T)
+                        if padded or (p_past > 0 and T > 1) else None)
+            h_prev = h
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.advance(attention_mask)
+            cache.advance(attention_mask, kept_mask)
         return self.final_layernorm(h)

@@ -1,11 +1,16 @@
-"""FlashSloth: SigLIP -> compression (SAP / average pooling / none) -> projector -> Phi-2, with
-learnable query tokens updated by EmbQ at the input of one decoder layer.
+"""FlashSloth: SigLIP -> compression (SAP / average pooling / none / a peer's) -> projector ->
+Phi-2, with learnable query tokens updated by EmbQ at the input of one decoder layer.
 
 Named submodules (freeze or train each as a whole):
 
   vision_tower      SiglipVisionTower           patch features F (B, views * N, Cv)
   pooling           SpatialAttentionPool (SAP)  "flashsloth", "sap"; AveragePool for "avgpool";
-                                                None for "none"
+                                                VisionZip / RandomSelect / Downsample for
+                                                "visionzip" / "random" / "downsample"
+                                                (flashsloth/compression/); None for "none" and
+                                                "fastv"
+  token_pruner      FastV                       "fastv" only (drops visual tokens inside the
+                                                LLM, prefill only), else None
   mm_projector      Linear(Cv, D), GELU, Linear(D, D)
   learnable_tokens  LearnableTokens (.token (Q, D))   "flashsloth" only, else None
   lqformer          EmbeddedQuery (EmbQ)              "flashsloth" only, else None
@@ -31,6 +36,7 @@ not to their own (the original only locates later questions from the labels).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IGNORE_INDEX, FlashSlothConfig, check_model_dtype
-from .language import KVCache, PhiLanguageModel
+from .language import KVCache, PhiLanguageModel, TokenPruning
 from .vision import SiglipVisionTower
 
 Tensor = torch.Tensor
@@ -99,6 +105,17 @@ class SequenceLayout:
     @property
     def length(self) -> int:
         return self.index.shape[1]
+
+    def kept(self, keep: Tensor) -> "SequenceLayout":
+        """The layout of the positions ``keep`` (B, L') (-1: padding) after FastV's pruning;
+        slot and question fields are unchanged (no mode that prunes has query slots)."""
+        idx, pad = keep.clamp(min=0), keep < 0
+        labels = (None if self.labels is None
+                  else self.labels.gather(1, idx).masked_fill(pad, IGNORE_INDEX))
+        return dataclasses.replace(
+            self, index=self.index.gather(1, idx).masked_fill(pad, 0),
+            attention_mask=self.attention_mask.gather(1, idx) & ~pad,
+            position_ids=self.position_ids.gather(1, idx).masked_fill(pad, 0), labels=labels)
 
 
 @dataclass
@@ -163,14 +180,18 @@ class FlashSloth(nn.Module):
     def _build(self, cfg: FlashSlothConfig) -> None:
         Cv, D = cfg.vision.hidden_size, cfg.text.hidden_size
         self.vision_tower = SiglipVisionTower(cfg.vision)
+        self.token_pruner = None                    # FastV ("fastv" only)
         if cfg.compression in ("flashsloth", "sap"):
             from flashsloth_kernels import SpatialAttentionPool
 
             self.pooling = SpatialAttentionPool(Cv, window=cfg.sap_window)
         elif cfg.compression == "avgpool":
             self.pooling = AveragePool(cfg.sap_window)
-        else:
-            self.pooling = None
+        else:   # the peers' modes (flashsloth/compression/): parameter-free; None for "none"
+            from .compression import build_pooling, build_pruner
+
+            self.pooling = build_pooling(cfg)
+            self.token_pruner = build_pruner(cfg)
         self.mm_projector = nn.Sequential(nn.Linear(Cv, D), nn.GELU(), nn.Linear(D, D))
         if cfg.use_queries:
             from flashsloth_kernels import EmbeddedQuery
@@ -247,8 +268,12 @@ class FlashSloth(nn.Module):
         un-pooled patch features (B, V * N, Cv)); G = tokens per view, N = patches per view."""
         B = pixel_values.shape[0]
         flat = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
-        feats = self.vision_tower(flat)                                  # (B*V, N, Cv)
-        pooled = feats if self.pooling is None else self.pooling(feats)  # (B*V, G, Cv)
+        if getattr(self.pooling, "needs_attention", False):             # VisionZip
+            feats, probs, keys = self.vision_tower(flat, return_attention=True)
+            pooled = self.pooling(feats, probs, keys)
+        else:
+            feats = self.vision_tower(flat)                              # (B*V, N, Cv)
+            pooled = feats if self.pooling is None else self.pooling(feats)  # (B*V, G, Cv)
         tokens = self.mm_projector(pooled)
         return tokens.reshape(B, -1, tokens.shape[-1]), feats.reshape(B, -1, feats.shape[-1])
 
@@ -459,6 +484,21 @@ class FlashSloth(nn.Module):
 
         return hook
 
+    def token_pruning(self, layout: SequenceLayout, text_tokens: int) -> Optional[TokenPruning]:
+        """FastV's pruning of one call ("fastv" only, else None). ``text_tokens`` = B * T of
+        input_ids (the layout's index puts visual rows after them). The ranking query is the
+        last position, or with labels the one before each row's first labelled token."""
+        if self.token_pruner is None:
+            return None
+        visual = layout.index > text_tokens            # fastv has no query rows in the bank
+        query_pos = None
+        if layout.labels is not None:
+            labelled = layout.labels != IGNORE_INDEX
+            first = torch.where(labelled.any(1), labelled.float().argmax(1),
+                                torch.full_like(labelled[:, 0], layout.length, dtype=torch.long))
+            query_pos = (first - 1).clamp(min=0)
+        return self.token_pruner.plan(visual, layout.attention_mask, query_pos)
+
     def prepare_inputs(self, images=None, input_ids: Optional[Tensor] = None,
                        attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                        question_mask: Optional[Tensor] = None):
@@ -500,8 +540,12 @@ class FlashSloth(nn.Module):
         """
         embeds, layout, hook = self.prepare_inputs(images, input_ids, attention_mask, labels,
                                                    question_mask)
+        pruning = self.token_pruning(layout, input_ids.numel())
         logits = self.language_model(embeds, layout.attention_mask, layout.position_ids,
-                                     layer_hook=hook, logits_to_keep=logits_to_keep)
+                                     layer_hook=hook, logits_to_keep=logits_to_keep,
+                                     pruning=pruning)
+        if pruning is not None:     # FastV: the output covers the positions kept
+            layout = layout.kept(pruning.keep)
         loss = None
         if layout.labels is not None:
             if logits_to_keep is not None:
@@ -528,9 +572,12 @@ class FlashSloth(nn.Module):
             raise ValueError(f"sequence: {layout.length} prompt positions (visual and query tokens "
                              f"included) + max_new_tokens {max_new_tokens} = {total} exceed the "
                              f"context of {ctx}")
-        cache = KVCache.for_model(self.language_model, embeds.shape[0], total)
+        pruning = self.token_pruning(layout, input_ids.numel())
+        pruned = None if pruning is None else (pruning.layer, pruning.length + max_new_tokens)
+        cache = KVCache.for_model(self.language_model, embeds.shape[0], total, pruned)
         logits = self.language_model(embeds, layout.attention_mask, layout.position_ids,
-                                     cache=cache, layer_hook=hook, logits_to_keep=1)
+                                     cache=cache, layer_hook=hook, logits_to_keep=1,
+                                     pruning=pruning)
         return logits[:, -1], cache
 
     @torch.no_grad()

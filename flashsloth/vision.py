@@ -28,12 +28,19 @@ class SiglipAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """(B, N, D) -> (B, N, D); with ``return_attention`` also the attention probabilities
+        (B, H, N, N) and the keys (B, H, N, head_dim), computed eagerly (what VisionZip reads;
+        the same FLOPs as SDPA's)."""
         B, N, D = x.shape
         q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
+        if not return_attention:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
+        probs = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5).float().softmax(-1)
+        out = probs.to(v.dtype) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, D)), probs, k
 
 
 class SiglipMLP(nn.Module):
@@ -56,7 +63,11 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = SiglipMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            attn, probs, keys = self.self_attn(self.layer_norm1(x), return_attention=True)
+            x = x + attn
+            return x + self.mlp(self.layer_norm2(x)), probs, keys
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -79,10 +90,12 @@ class SiglipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_built_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """With ``return_attention``: (features, the last layer's attention probabilities,
+        its keys)."""
+        for layer in self.layers[:-1]:
             x = layer(x)
-        return x
+        return self.layers[-1](x, return_attention=return_attention)
 
 
 class SiglipVisionTower(nn.Module):
@@ -105,5 +118,7 @@ class SiglipVisionTower(nn.Module):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embeddings(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, return_attention: bool = False):
+        """Patch features (B, N, hidden); with ``return_attention`` also the selected layer's
+        attention probabilities (B, heads, N, N) (float32) and keys (B, heads, N, head_dim)."""
+        return self.encoder(self.embeddings(pixel_values), return_attention=return_attention)

@@ -163,6 +163,13 @@ EXPECTED_TOKENS = {
     ("tiny-27", "none"): 729,
     # tiny: a 6 x 6 grid, 3 x 3 windows -> 4 tokens, + 9 queries
     ("tiny", "flashsloth"): 13, ("tiny", "sap"): 4, ("tiny", "avgpool"): 4, ("tiny", "none"): 36,
+    # the peers' modes keep FlashSloth's per-view budget; fastv's 729 per view all enter
+    ("flashsloth-3.2b", "visionzip"): 81, ("flashsloth-3.2b", "random"): 81,
+    ("flashsloth-3.2b", "downsample"): 81, ("flashsloth-3.2b", "fastv"): 729,
+    ("flashsloth-hd-3.2b", "visionzip"): 405, ("flashsloth-hd-3.2b", "random"): 405,
+    ("flashsloth-hd-3.2b", "downsample"): 405, ("flashsloth-hd-3.2b", "fastv"): 3645,
+    ("tiny", "visionzip"): 4, ("tiny", "random"): 4, ("tiny", "downsample"): 4,
+    ("tiny", "fastv"): 36,
 }
 
 
@@ -178,7 +185,7 @@ def test_visual_tokens_of_every_preset(preset, compression):
     assert length == text + tokens
 
 
-@pytest.mark.parametrize("compression", ["none", "avgpool", "sap", "flashsloth"])
+@pytest.mark.parametrize("compression", bench_model.COMPRESSIONS)
 def test_prefill_flops_match_the_real_prefill(compression):
     """The meta-device composition the benchmark uses for the 3.2B presets counts exactly
     what FlopCounterMode counts over the model's own prefill on real tensors."""
@@ -204,3 +211,65 @@ def test_prefill_flops_shrink_with_compression():
     # the LLM part scales with the sequence (729 -> 81 visual tokens); the tower does not
     assert flops["sap"]["llm"] < flops["none"]["llm"] / 4
     assert flops["sap"]["vision"] > 0.95 * flops["none"]["vision"]
+
+
+# ---------------------------------------------------------------- the peers' modes, closed forms
+def _vision_closed_form(cfg, views):
+    """SigLIP tower (patch conv, per layer q/k/v/o + attention + MLP), no pooling counted."""
+    v = cfg.vision
+    N, C, F, P = v.num_patches, v.hidden_size, v.intermediate_size, v.patch_size
+    conv = 2 * N * C * v.num_channels * P * P
+    layer = 2 * N * (4 * C * C + 2 * C * F) + 4 * N * N * C
+    return views * (conv + v.num_built_layers * layer)
+
+
+def _projector(cfg, tokens):
+    Cv, D = cfg.vision.hidden_size, cfg.text.hidden_size
+    return 2 * tokens * (Cv * D + D * D)
+
+
+def _decoder_layer(cfg, L):
+    D, F = cfg.text.hidden_size, cfg.text.intermediate_size
+    return 2 * L * (4 * D * D + 2 * D * F) + 4 * L * L * D
+
+
+@pytest.mark.parametrize("preset", ["flashsloth-3.2b", "flashsloth-hd-3.2b", "tiny-27"])
+@pytest.mark.parametrize("mode", ["visionzip", "fastv", "random", "downsample"])
+def test_peer_prefill_flops_closed_forms(preset, mode):
+    model = _model(preset, mode)
+    cfg = model.config
+    ids = bench_model.prompt_ids(cfg)
+    got = bench_model.prefill_flops(model, ids)
+    V, N, k = cfg.num_views, cfg.vision.num_patches, cfg.budget_per_view
+    D, n = cfg.text.hidden_size, cfg.text.num_hidden_layers
+    text = ids.shape[1] - 2
+    vision = _vision_closed_form(cfg, V) + _projector(cfg, cfg.num_image_tokens)
+    if mode == "visionzip":
+        dom, ctx = cfg.visionzip_split
+        rest = N - dom
+        hd = cfg.vision.hidden_size // cfg.vision.num_attention_heads
+        # similarities (others x targets, head-averaged keys) and the assigned sums
+        vision += V * (2 * (rest - ctx) * ctx * hd + 2 * ctx * (rest - ctx)
+                       * cfg.vision.hidden_size)
+    head = 2 * D * cfg.text.vocab_size
+    if mode == "fastv":
+        K, L, Lk = cfg.fastv_layer, text + V * N, text + V * k
+        # FastV's ranking: layer K's key projection, the last query's projection, its scores
+        rank = 2 * L * D * D + 2 * D * D + 2 * L * D
+        llm = K * _decoder_layer(cfg, L) + rank + (n - K) * _decoder_layer(cfg, Lk) + head
+    else:
+        llm = n * _decoder_layer(cfg, text + V * k) + head
+    assert got == {"total": vision + llm, "vision": vision, "llm": llm}
+
+
+@pytest.mark.parametrize("preset", ["flashsloth-3.2b", "flashsloth-hd-3.2b"])
+def test_fastv_kv_cache_bytes_closed_form(preset):
+    model = _model(preset, "fastv")
+    cfg = model.config
+    row = bench_model._counts(preset, "fastv", torch.float32)
+    text = bench_model.prompt_ids(cfg).shape[1] - 2
+    L, Lk = text + cfg.num_views * 729, text + cfg.num_views * 81
+    K, n, D = cfg.fastv_layer, cfg.text.num_hidden_layers, cfg.text.hidden_size
+    assert row["kv_cache_bytes"] == 2 * 4 * D * (K * L + (n - K) * Lk)
+    assert row["visual_tokens"] == cfg.num_views * 729
+    assert row["visual_tokens_kept"] == cfg.num_views * 81
