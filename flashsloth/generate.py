@@ -97,7 +97,7 @@ def build_input_ids(args, config: FlashSlothConfig, tokenizer: Optional[Tokenize
     if config.use_queries and config.query_token_id not in ids:
         raise UsageError(f"--prompt: no query slot {SLOT_MARKER}: FlashSloth puts its query tokens "
                          "after the question, e.g. \"<image>\\nWhat is this?<learnable>\" "
-                         "(or pass --compression sap/avgpool/none)")
+                         "(or pass a --compression without query tokens, e.g. sap)")
     return ids
 
 
