@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int e = tid; e < nq * QS; e += kAttnThreads) {
     const int i = static_cast<int>(div_qs.div(e));
     const int d = e - i * QS;
-    q_s[e] = d < Dk ? to_float(q[i * Dk + d]) * a.qk_scale_log2 : 0.f;
+    q_s[e] = d < Dk ? to_float(q[i * Dk + d]) : 0.f;  // scaled after the dot (the contract)
   }
   for (int e = tid; e < (QS - Dk) * KTS; e += kAttnThreads) kt_s[Dk * KTS + e] = 0.f;
   for (int i = tid; i < BM; i += kAttnThreads) {
@@ -130,20 +130,25 @@ __global__ void __launch_bounds__(kAttnThreads)
 
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     const int nb = min(BN, n_end - n0);
-    // The tile's keys and values are contiguous runs: coalesced loads, converted once.
+    // The tile's keys and values are contiguous runs: coalesced loads, converted once. A
+    // masked key's k and v rows are never read (stored as 0): whatever they hold (NaN, inf,
+    // garbage) cannot reach the output through p = 0 times v.
     const T* __restrict__ kt = k + static_cast<int64_t>(n0) * Dk;
     for (int e = tid; e < nb * Dk; e += kAttnThreads) {
       const int j = static_cast<int>(div_dk.div(e));
-      kt_s[(e - j * Dk) * KTS + j] = to_float(kt[e]);
+      const bool attended = mask == nullptr || mask[n0 + j] != 0;
+      kt_s[(e - j * Dk) * KTS + j] = attended ? to_float(kt[e]) : 0.f;
     }
     const T* __restrict__ vt = v + static_cast<int64_t>(n0) * Dv;
     for (int e = tid; e < nb * Dv; e += kAttnThreads) {
       const int j = static_cast<int>(div_dv.div(e));
-      v_s[j * VS + (e - j * Dv)] = to_float(vt[e]);
+      const bool attended = mask == nullptr || mask[n0 + j] != 0;
+      v_s[j * VS + (e - j * Dv)] = attended ? to_float(vt[e]) : 0.f;
     }
     __syncthreads();
 
-    // Scores in base 2, one thread per key; masked keys -inf.
+    // Scores in base 2, one thread per key: s = (q . k) * scale * log2(e), a non-finite one
+    // turned into NaN so that it poisons its row (the contract); masked keys -inf.
     if (tid < nb) {
       const int j = tid;
       float s[kAttnMaxBlockM];
@@ -165,7 +170,10 @@ __global__ void __launch_bounds__(kAttnThreads)
       const bool keep = mask == nullptr || mask[n0 + j] != 0;
 #pragma unroll
       for (int i = 0; i < kAttnMaxBlockM; ++i) {
-        if (i < nq) p_s[i * PS + j] = keep ? s[i] : -INFINITY;
+        if (i < nq) {
+          const float sv = s[i] * a.qk_scale_log2;
+          p_s[i * PS + j] = keep ? (sv - sv == 0.f ? sv : NAN) : -INFINITY;  // +-inf - itself: NaN
+        }
       }
     }
     __syncthreads();

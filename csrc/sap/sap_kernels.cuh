@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         float h = relu_keep_nan(zv[k] + bv[k]);
-        if (has_mask && mr[c + k] == 0) h = 0.f;
+        if (has_mask) h *= static_cast<float>(mr[c + k]);  // a multiply: NaN survives a drop
         acc = fmaf(h, wv[k], acc);
       }
     }
