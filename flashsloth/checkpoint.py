@@ -114,16 +114,7 @@ def _inside(path: str, name: object, index_file: str) -> str:
 def read_index(path: str, index_name: str) -> Dict[str, str]:
     """weight_map of an index file: original key -> full shard path, checked."""
     index = os.path.join(path, index_name)
-    try:
-        with open(index, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {index!r}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint file {index!r}: cannot be read ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {index!r}: expected a JSON object with a "
-                              f"\"weight_map\", got a {type(data).__name__}")
+    data = _read_json_object(index, 'a JSON object with a "weight_map"')
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"checkpoint file {index!r}: expected \"weight_map\" to be a "
@@ -342,6 +333,11 @@ def read_config_json(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint {path!r}: no config.json")
+    return _read_json_object(file, "a JSON object")
+
+
+def _read_json_object(file: str, expected: str) -> dict:
+    """A JSON file that must hold an object; a CheckpointError naming the file otherwise."""
     try:
         with open(file, "rb") as fh:
             data = json.loads(fh.read().decode("utf-8"))
@@ -350,7 +346,7 @@ def read_config_json(path: str) -> dict:
     except OSError as exc:
         raise CheckpointError(f"checkpoint file {file!r}: cannot be read ({exc})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {file!r}: expected a JSON object, got a "
+        raise CheckpointError(f"checkpoint file {file!r}: expected {expected}, got a "
                               f"{type(data).__name__}")
     return data
 
