@@ -336,15 +336,20 @@ def read_config_json(path: str) -> dict:
     return _read_json_object(file, "a JSON object")
 
 
-def _read_json_object(file: str, expected: str) -> dict:
-    """A JSON file that must hold an object; a CheckpointError naming the file otherwise."""
+def _read_json(file: str):
+    """A checkpoint's JSON file, parsed; a CheckpointError naming the file otherwise."""
     try:
         with open(file, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+            return json.loads(fh.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
     except OSError as exc:
         raise CheckpointError(f"checkpoint file {file!r}: cannot be read ({exc})") from None
+
+
+def _read_json_object(file: str, expected: str) -> dict:
+    """A JSON file that must hold an object; a CheckpointError naming the file otherwise."""
+    data = _read_json(file)
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint file {file!r}: expected {expected}, got a "
                               f"{type(data).__name__}")
@@ -520,11 +525,7 @@ def _tokenizer_token_id(path: str, token: str) -> Optional[int]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             continue
-        try:
-            with open(file, "rb") as fh:
-                data = json.loads(fh.read().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
+        data = _read_json(file)
         if not isinstance(data, dict):
             continue
         if name == "added_tokens.json":
@@ -549,14 +550,7 @@ def generation_config_eos(path: str) -> List[int]:
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
         return []
-    try:
-        with open(file, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {file!r}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {file!r}: expected a JSON object, got a "
-                              f"{type(data).__name__}")
+    data = _read_json_object(file, "a JSON object")
     eos = data.get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
