@@ -62,11 +62,58 @@ def _bandwidth_bar(rows, name, section, params, frac, ceiling: str = "copy") -> 
     return v
 
 
-def evaluate(rows: List[Row], device_type: str, dtype: str) -> List[Verdict]:
-    """Every bar that applies to this device type and dtype, judged from ``rows``."""
+def _backend_ratio_bar(rows, name, section, mode, backend, den, limit, params) -> Verdict:
+    """Like _ratio_bar for the fused op run on ``backend``: its row is "fused" when auto picked
+    that backend, else "fused-<backend>"."""
+    row = _find(rows, section, mode, f"fused-{backend}", **params)
+    if row is None:
+        row = _find(rows, section, mode, "fused", backend=backend, **params)
+    num = row.get("provider") if row is not None else f"fused-{backend}"
+    return _ratio_bar(rows, name, section, mode, num, den, limit, "le", params)
+
+
+def _time_bar(rows, name, section, mode, provider, limit_ms, params) -> Verdict:
+    """The median time of ``provider`` is at most ``limit_ms``."""
+    r = _find(rows, section, mode, provider, **params)
+    t = _ms(r)
+    v: Verdict = {"bar": name, "target": f"<= {limit_ms * 1e3:g} us"}
+    if t is None:
+        v.update(status="n/a", measured=None, note=_why_missing(r, provider))
+        return v
+    v.update(status="pass" if t <= limit_ms else "FAIL", measured=f"{t * 1e3:.1f} us", note="")
+    return v
+
+
+def _model_speedup_bar(rows, preset: str, limit: float) -> Verdict:
+    """Prefill of compression "none" over "flashsloth" for ``preset`` (model section rows)."""
+    def prefill(comp):
+        for r in rows:
+            if (r.get("section") == "model" and r.get("preset") == preset
+                    and r.get("compression") == comp and r.get("status") == "ok"
+                    and r.get("prefill_ms")):
+                return r["prefill_ms"]
+        return None
+
+    none, fs = prefill("none"), prefill("flashsloth")
+    v: Verdict = {"bar": f"{preset} prefill: flashsloth >= {limit:g}x faster than none",
+                  "target": f">= {limit:g}"}
+    if none is None or fs is None:
+        v.update(status="n/a", measured=None, note=f"{preset} prefill of none and flashsloth "
+                 "not both timed in this run (--only model, --preset)")
+        return v
+    ratio = none / fs
+    v.update(status="pass" if ratio >= limit else "FAIL", measured=round(ratio, 3), note="")
+    return v
+
+
+def evaluate(rows: List[Row], device_type: str, dtype: str,
+             sections: Iterable[str] = ("ops", "model")) -> List[Verdict]:
+    """Every bar that applies to this device type and dtype and to the suite sections that
+    ran (``sections``), judged from ``rows``."""
     out: List[Verdict] = []
+    ran = set(sections)
     sap, att = "ops/sap", "ops/attention"
-    if device_type == "cpu" and dtype == "float32":
+    if device_type == "cpu" and dtype == "float32" and "ops" in ran:
         for B in (1, 4, 16):
             p = {"B": B}
             out.append(_ratio_bar(rows, f"SAP fwd B={B}: fused <= 1.10x bare GEMM", sap, "fwd",
@@ -99,20 +146,28 @@ def evaluate(rows: List[Row], device_type: str, dtype: str) -> List[Verdict]:
             out.append(_ratio_bar(rows, f"{tag}: no slower than SDPA", att, "fwd", "sdpa",
                                   "fused", 1.0, "ge", p))
     elif device_type == "cuda" and dtype == "bfloat16":
+        # issue 13's GPU bars (H = 32, Lq = 9, Dk/Dv = 18/36; SAP 27x27, C = 1152, window 3)
         p = {"B": 64}
-        out.append(_ratio_bar(rows, "SAP fwd B=64: fused <= 1.25x bare cuBLAS GEMM", sap, "fwd",
-                              "fused", "gemm", 1.25, "le", p))
-        out.append(_ratio_bar(rows, "SAP fwd B=64: >= 10x faster than the loop", sap, "fwd",
-                              "loop", "fused", 10.0, "ge", p))
-        out.append(_ratio_bar(rows, "SAP fwd B=64: >= 1.3x faster than the reference", sap,
-                              "fwd", "reference", "fused", 1.3, "ge", p))
+        for backend, limit in (("triton", 1.25), ("cuda", 1.15)):
+            out.append(_backend_ratio_bar(rows, f"SAP fwd B=64: {backend} <= {limit:g}x bare "
+                                          "cuBLAS GEMM", sap, "fwd", backend, "gemm", limit,
+                                          p))
+        out.append(_ratio_bar(rows, "SAP fwd B=64: >= 10x faster than the window loop", sap,
+                              "fwd", "loop", "fused", 10.0, "ge", p))
         for B, Lk in ((64, 729), (8, 3645)):
-            p = {"B": B, "Lk": Lk}
-            out.append(_bandwidth_bar(rows, f"attention fwd B={B} Lk={Lk}: moves >= 70% of copy "
-                                      "bandwidth", att, p, 0.70))
-            out.append(_ratio_bar(rows, f"attention fwd B={B} Lk={Lk}: >= 3x faster than eager",
-                                  att, "fwd", "eager", "fused", 3.0, "ge", p))
+            p = {"B": B, "Lk": Lk, "Lq": 9}
+            out.append(_bandwidth_bar(rows, f"attention fwd B={B} Lk={Lk}: moves >= 85% of copy "
+                                      "bandwidth", att, p, 0.85))
             for other in ("sdpa", "sdpa-padded", "flex"):
                 out.append(_ratio_bar(rows, f"attention fwd B={B} Lk={Lk}: faster than {other}",
                                       att, "fwd", other, "fused", 1.0, "ge", p))
+        p1 = {"B": 1, "Lk": 729, "Lq": 9}
+        out.append(_time_bar(rows, "attention fwd B=1 Lk=729: <= 10 us per call, launch "
+                             "included", att, "fwd", "fused-host", 0.010, p1))
+        out.append(_time_bar(rows, "attention fwd B=1 Lk=729: <= 10 us per call in a CUDA graph "
+                             "(reported)", att, "fwd", "fused-graph", 0.010, p1))
+        if "ops" not in ran:
+            out = []
+        if "model" in ran:
+            out.append(_model_speedup_bar(rows, "flashsloth-3.2b", 2.5))
     return out

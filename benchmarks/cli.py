@@ -51,6 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="comma-separated model presets to time (default: tiny,tiny-27 on CPU; "
                         "flashsloth-3.2b,flashsloth-hd-3.2b on GPU). Token, parameter and "
                         "FLOP counts always cover every preset.")
+    p.add_argument("--compression", default=None,
+                   help="comma-separated compression modes the model section times (default: "
+                        "all). Token, FLOP and KV counts always cover every mode.")
     p.add_argument("--quick", action="store_true",
                    help="a fast run: fewer cases and samples, no torch.compile providers")
     p.add_argument("--only", default=None,
@@ -140,13 +143,23 @@ def make_config(args: argparse.Namespace) -> RunConfig:
         if bad or not presets:
             raise UsageError(f"--preset: expected a comma-separated subset of "
                              f"{', '.join(ALL_PRESETS)}, got {args.preset!r}")
+    compressions = None
+    if args.compression is not None:
+        from .model import COMPRESSIONS
+
+        compressions = [s.strip() for s in args.compression.split(",") if s.strip()]
+        bad = [c for c in compressions if c not in COMPRESSIONS]
+        if bad or not compressions:
+            raise UsageError(f"--compression: expected a comma-separated subset of "
+                             f"{', '.join(COMPRESSIONS)}, got {args.compression!r}")
     if args.quick:
         budget = Budget(min_rounds=3, max_rounds=5, seconds=0.5)
     elif device.type == "cpu":
         budget = Budget(min_rounds=5, max_rounds=15, seconds=3.0)
     else:
         budget = Budget()
-    return RunConfig(device=device, dtype=dtype, quick=args.quick, presets=presets, budget=budget)
+    return RunConfig(device=device, dtype=dtype, quick=args.quick, presets=presets, budget=budget,
+                     compressions=compressions)
 
 
 def build_cases(cfg: RunConfig, sections: List[str]) -> List[Case]:
@@ -210,7 +223,8 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
     cfg = make_config(args)
     started = time.perf_counter()
     config = {"device": str(cfg.device), "dtype": cfg.dtype_name, "quick": cfg.quick,
-              "sections": sections, "presets": cfg.presets, "argv": sys.argv[1:],
+              "sections": sections, "presets": cfg.presets, "compressions": cfg.compressions,
+              "argv": sys.argv[1:],
               "budget": vars(cfg.budget)}
     ctx = context_mod.collect(cfg.device, config)
     # the output folder must take files before the suite runs, not after
@@ -246,13 +260,18 @@ def run(args: argparse.Namespace, console=None) -> Dict[str, object]:
                 rows.append(error_row(case.section, case.name, exc))
             case_seconds[f"{case.section}: {case.name}"] = round(time.perf_counter() - t0, 2)
             progress.advance(task)
+            # what is measured so far survives a kill (a time limit, a lost machine): rows of
+            # the finished cases, marked incomplete, replaced by the full results at the end
+            ctx["case_seconds"] = case_seconds
+            report.write_partial(out_dir / "results.json", report.payload(
+                {**ctx, "complete": False}, ceilings, rows, []))
         progress.update(task, description="done")
     finalize(rows, sections)
     verdicts = []
-    if "ops" in sections:
-        verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name)
+    verdicts = bars_mod.evaluate(rows, cfg.device.type, cfg.dtype_name, sections)
     ctx["wall_s"] = round(time.perf_counter() - started, 1)
     ctx["case_seconds"] = case_seconds
+    ctx["complete"] = True
     usage = resource.getrusage(resource.RUSAGE_SELF)
     ctx["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # wall_s / cpu_s: machine load
     data = report.payload(ctx, ceilings, rows, verdicts)

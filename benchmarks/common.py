@@ -27,6 +27,8 @@ class RunConfig:
     dtype: torch.dtype
     quick: bool = False
     presets: Optional[List[str]] = None  # None: the section's default for this device
+    # compression modes the model section times (None: every mode); counts cover every mode
+    compressions: Optional[List[str]] = None
     budget: Budget = field(default_factory=Budget)
     ceilings: Optional[Ceilings] = None
 

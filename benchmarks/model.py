@@ -294,14 +294,14 @@ class _Timed:
                 "reps": len(self.prefill_s), "peak_mem_bytes": peak}
 
 
-def _fits_together(preset: str, cfg_run: RunConfig) -> bool:
+def _fits_together(preset: str, cfg_run: RunConfig, n_modes: int) -> bool:
     """Whether the models of every mode fit in memory at once (then they are timed in
     interleaved rounds, so the noise of a shared machine hits every mode alike)."""
     from flashsloth.model import FlashSloth
 
     cfg, _ = model_config(preset, "flashsloth")
     meta = FlashSloth(cfg, device="meta", dtype=cfg_run.dtype)
-    need = len(COMPRESSIONS) * sum(p.nbytes for p in meta.parameters())
+    need = n_modes * sum(p.nbytes for p in meta.parameters())
     if cfg_run.on_gpu:
         free, _ = torch.cuda.mem_get_info(cfg_run.device)
         return need < 0.5 * free
@@ -360,11 +360,15 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Ro
         live.clear()
         free_memory(cfg_run.device)
 
-    if _fits_together(preset, cfg_run):
-        run_modes(list(COMPRESSIONS))
+    timed = [c for c in COMPRESSIONS if cfg_run.compressions is None or c in cfg_run.compressions]
+    if _fits_together(preset, cfg_run, len(timed)):
+        run_modes(timed)
     else:
-        for comp in COMPRESSIONS:
+        for comp in timed:
             run_modes([comp])
+    for comp in COMPRESSIONS:
+        if comp not in timed:
+            out[comp] = {"latency_note": "not timed in this run (--compression)"}
     return out, serving_rows
 
 

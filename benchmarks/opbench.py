@@ -9,6 +9,7 @@ case's floor, how many times slower the provider is than the fused op, and peak 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -26,6 +27,9 @@ class Provider:
     # Work of this provider when it is not the op's (the floor GEMM does less than the op)
     flops: Optional[int] = None
     compile_s: Optional[float] = None
+    # fn makes this many calls of the op (launch-bound GPU providers: back-to-back calls timed
+    # from the host, or a CUDA graph of calls); the row reports the time per call
+    calls: int = 1
 
 
 @dataclass
@@ -88,6 +92,12 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
     free_memory(cfg.device)
     fns = {p.name: p.fn for p in case.providers}
     timings, errors = time_providers(fns, cfg.device, cfg.budget)
+    for p in case.providers:
+        if p.calls > 1 and p.name in timings:
+            t = timings[p.name]
+            timings[p.name] = dataclasses.replace(
+                t, median_ms=t.median_ms / p.calls, q25_ms=t.q25_ms / p.calls,
+                q75_ms=t.q75_ms / p.calls, min_ms=t.min_ms / p.calls)
     floor_ms = case.floor_ms
     floor_name = case.floor_name
     if floor_provider is not None and floor_provider in timings:

@@ -13,6 +13,8 @@ Providers, timed in the same interleaved rounds:
   fused-bf16       CPU fp32 runs, forward B = 16 Lk = 729: the same op on bf16 copies of the
                    inputs (half the bytes; the issue's bar: faster than the fp32 forward)
   fused-<backend>  every other fused backend that can run here (GPU: triton, cuda)
+  fused-host       GPU, B = 1 forward: back-to-back calls timed from the host, launch included
+  fused-graph      GPU, B = 1 forward: the same calls replayed from one CUDA graph
   eager            matmul, softmax (fp32), matmul
   sdpa             F.scaled_dot_product_attention, PyTorch's choice of backend
   sdpa-padded      SDPA on q/k zero-padded to 24 and v to 40 dims (explicit scale 1/sqrt(18)),
@@ -93,6 +95,41 @@ def _compiled(name: str):
     return _COMPILED[name]
 
 
+LAUNCH_CALLS = 100
+
+
+def launch_bound_providers(call, backend: str) -> List[Provider]:
+    """B = 1 on a GPU is launch-bound: the event-timed "fused" row is the kernel alone. Two
+    more rows, both per call: "fused-host", LAUNCH_CALLS back-to-back calls through the public
+    op (Python, dispatch and launch included, the GPU waiting on the host), and
+    "fused-graph", the same calls captured once in a CUDA graph and replayed."""
+    def host():
+        for _ in range(LAUNCH_CALLS):
+            call()
+        torch.cuda.synchronize()
+
+    out = [Provider("fused-host", host, backend=backend, calls=LAUNCH_CALLS,
+                    note=f"{LAUNCH_CALLS} back-to-back calls, launch included, per call")]
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                call()  # warm-up off the capture (lazy init, autotuning, allocator)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(LAUNCH_CALLS):
+                call()
+        out.append(Provider("fused-graph", graph.replay, backend=backend, calls=LAUNCH_CALLS,
+                            note=f"a CUDA graph of {LAUNCH_CALLS} calls, per call"))
+    except Exception as exc:  # reported as an error row by the timing, not fatal
+        def failed(exc=exc):
+            raise RuntimeError(f"CUDA graph capture failed: {type(exc).__name__}: {exc}")
+        out.append(Provider("fused-graph", failed, backend=backend))
+    return out
+
+
 def _fwd_bwd(f, inputs, grad_out):
     def run():
         return torch.autograd.grad(f(), inputs, grad_out)
@@ -123,14 +160,15 @@ def _compile_here(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> O
     """None when the torch.compile providers run for this case, else why not.
 
     Every compile (one per shape: flex_attention needs static shapes) costs 10-30 s, so they
-    run only for the bar cases: on CPU the forward at B = 1 and 16 (Lk = 729), on GPU forward
-    and backward at B = 64 (Lk = 729) and B = 8 (Lk = 3645).
+    run only for the bar cases: on CPU the forward at B = 1 and 16 (Lk = 729), on GPU the
+    forward at B = 64 (Lk = 729) and B = 8 (Lk = 3645).
     """
     if cfg.quick:
         return "skipped in --quick (compile time)"
     if cfg.on_gpu:
-        if (B, Lk) not in ((64, 729), (8, 3645)):
-            return "compiled only for the bar cases (B = 64 at Lk = 729, B = 8 at Lk = 3645)"
+        if (B, Lk) not in ((64, 729), (8, 3645)) or mode != "fwd":
+            return ("compiled only for the forward bar cases (B = 64 at Lk = 729, B = 8 at "
+                    "Lk = 3645): compile time")
         return None
     if not (Lk == 729 and B in (1, 16) and mode == "fwd" and Lq == LQ):
         return "compiled on CPU only for the forward bar cases (B = 1, 16 at Lk = 729, Lq = 9)"
@@ -163,6 +201,9 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
             "fused-bf16", lambda: query_patch_attention(qb, kb, vb, scale=scale),
             backend=dispatcher.select(None, dev, torch.bfloat16),
             note="the fused op on bf16 copies of the inputs (half the bytes)"))
+    if cfg.on_gpu and not grad and B == 1:
+        providers.extend(launch_bound_providers(
+            lambda: query_patch_attention(q, k, v, scale=scale), auto))
     providers.append(Provider("eager", wrap(lambda: eager_attention(q, k, v, scale)),
                               note="matmul, softmax (fp32), matmul"))
     providers.append(Provider("sdpa", wrap(lambda: F.scaled_dot_product_attention(

@@ -73,6 +73,14 @@ def write_json(path: Path, data: Dict[str, object]) -> Path:
     return path
 
 
+def write_partial(path: Path, data: Dict[str, object]) -> Path:
+    """results.json of an unfinished run (context.complete false), rewritten atomically after
+    every case; the run's full outputs replace it at the end."""
+    rows = [{k: _clean(v) for k, v in _public(r).items()} for r in data["rows"]]
+    _atomic_text(path, json.dumps({**data, "rows": rows}, indent=1, default=str) + "\n")
+    return path
+
+
 def write_csv(path: Path, rows: List[Row]) -> Path:
     rows = [_public(r) for r in rows]
     keys = {k for r in rows for k in r}

@@ -66,7 +66,7 @@ def workload(preset: str, cfg_run: RunConfig) -> Workload:
     preset on a CPU finishes in minutes per mode."""
     big = preset.startswith("flashsloth-")
     if cfg_run.on_gpu:
-        return Workload(8 if cfg_run.quick else 32, (8, 96), (16, 128))
+        return Workload(8 if cfg_run.quick else 16, (8, 96), (16, 64))
     if big:
         return Workload(3 if cfg_run.quick else 4, (8, 64), (2, 8))
     return Workload(4 if cfg_run.quick else 12, (4, 48), (4, 12) if cfg_run.quick else (4, 32))

@@ -33,6 +33,7 @@ def test_quick_run_json_holds_numbers_and_context(quick_run):
         assert key in ctx
     assert ctx["device"].startswith("cpu")      # CPU results land in the git-ignored folder
     assert ctx["config"]["quick"] is True
+    assert ctx["complete"] is True
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
     rows = data["rows"]
     sections = {r["section"] for r in rows}
@@ -92,6 +93,7 @@ def _fail_if_run(monkeypatch):
     (["--device", "bogus"], "--device: expected cpu or cuda"),
     (["--device", "meta"], "--device: expected cpu or cuda"),
     (["--threads", "0"], "--threads"),
+    (["--compression", "zip", "--only", "model"], "--compression: expected"),
     (["--compare", "/nonexistent/old.json", "/nonexistent/new.json"],
      "/nonexistent/old.json: no such file"),
 ])
@@ -251,6 +253,59 @@ def test_bars_pass_fail_and_missing():
     missing = verdicts["SAP fwd B=4: fused <= 1.10x bare GEMM"]
     assert missing["status"] == "n/a" and "not measured" in missing["note"]
     assert bars.evaluate(rows, "cuda", "float32") == []
+
+
+def test_gpu_bars_per_backend_launch_and_model():
+    """Issue 13's bars: each fused backend against the GEMM whichever one auto picked, the
+    B = 1 times of the launch-bound rows, and the 3.2B prefill speed-up from the model rows."""
+    sap = dict(B=64)
+    rows = [_row("ops/sap", "fused", 1.2, backend="triton", **sap),
+            _row("ops/sap", "fused-cuda", 1.2, backend="cuda", **sap),
+            _row("ops/sap", "gemm", 1.0, **sap), _row("ops/sap", "loop", 20.0, **sap),
+            _row("ops/attention", "fused-host", 0.008, B=1, Lk=729, Lq=9),
+            _row("ops/attention", "fused-graph", 0.004, B=1, Lk=729, Lq=9),
+            {"section": "model", "preset": "flashsloth-3.2b", "compression": "none",
+             "status": "ok", "prefill_ms": 30.0},
+            {"section": "model", "preset": "flashsloth-3.2b", "compression": "flashsloth",
+             "status": "ok", "prefill_ms": 10.0}]
+    v = {b["bar"]: b for b in bars.evaluate(rows, "cuda", "bfloat16")}
+    assert v["SAP fwd B=64: triton <= 1.25x bare cuBLAS GEMM"]["status"] == "pass"
+    assert v["SAP fwd B=64: cuda <= 1.15x bare cuBLAS GEMM"]["status"] == "FAIL"
+    assert v["SAP fwd B=64: >= 10x faster than the window loop"]["measured"] == pytest.approx(
+        20 / 1.2, abs=1e-3)
+    assert v["attention fwd B=1 Lk=729: <= 10 us per call, launch included"]["status"] == "pass"
+    assert v["attention fwd B=64 Lk=729: faster than flex"]["status"] == "n/a"
+    assert v["flashsloth-3.2b prefill: flashsloth >= 2.5x faster than none"]["measured"] == 3.0
+    only_model = bars.evaluate(rows, "cuda", "bfloat16", sections=["model"])
+    assert [b["bar"] for b in only_model] == [
+        "flashsloth-3.2b prefill: flashsloth >= 2.5x faster than none"]
+    assert bars.evaluate(rows, "cpu", "float32", sections=["model"]) == []
+
+
+def test_partial_results_survive_a_kill(monkeypatch, tmp_path):
+    """results.json is rewritten after every case: a run killed in its second case leaves
+    the first case's rows, marked incomplete."""
+    from benchmarks import cli as cli_mod
+    from benchmarks.common import Case
+
+    def fake_cases(cfg, sections):
+        def boom():
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+        return [Case("ops/sap", "first", lambda: [_row("ops/sap", "fused", 1.0, case="c")]),
+                Case("ops/sap", "second", boom)]
+
+    monkeypatch.setattr(cli_mod, "build_cases", fake_cases)
+    from benchmarks import ceilings
+
+    def no_ceilings(*args, **kwargs):
+        raise RuntimeError("not measured in this test")
+
+    monkeypatch.setattr(ceilings, "measure", no_ceilings)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--only", "ops", "--out", str(tmp_path), "--no-plots"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["context"]["complete"] is False
+    assert [r["case"] for r in data["rows"] if r["section"] == "ops/sap"] == ["c"]
 
 
 def test_compare_matches_rows_and_signs_changes():

@@ -531,7 +531,7 @@ int emu_sap_epilogue(int dtype, void* z, void* x, void* b1, void* w2, void* b2, 
                      float dropout_scale, void* out, long B, int H, int W, int C, int Ch, int kh,
                      int kw) {
   SapEpilogueArgs a{};
-  a.z = z; a.x = x; a.b1 = b1; a.w2 = w2; a.b2 = b2;
+  a.z = static_cast<const float*>(z); a.x = x; a.b1 = b1; a.w2 = w2; a.b2 = b2;
   a.dropout_mask = static_cast<const uint8_t*>(mask); a.dropout_scale = dropout_scale;
   a.out = out; a.B = B; a.H = H; a.W = W; a.C = C; a.Ch = Ch; a.kh = kh; a.kw = kw;
   emu::g_launch_error = 0;
@@ -728,11 +728,12 @@ class _Emulated:
         out = torch.full((B, num_windows(H, W, kh, kw), C), math.nan, dtype=x.dtype)
         chunk = min(images_per_chunk or B, B)
         xc = x.contiguous()
-        z = torch.full((chunk * N, Ch), math.nan, dtype=x.dtype)
+        # z is fp32 for every dtype, as in sap_cuda.cpp (16-bit operands, fp32 products)
+        z = torch.full((chunk * N, Ch), math.nan, dtype=torch.float32)
         for b0 in range(0, B, chunk):
             nb = min(chunk, B - b0)
             zc = z[: nb * N]
-            torch.mm(xc[b0:b0 + nb].reshape(nb * N, C), w1.t(), out=zc)
+            torch.mm(xc[b0:b0 + nb].reshape(nb * N, C).float(), w1.t().float(), out=zc)
             err = self.lib.emu_sap_epilogue(
                 _EMU_DTYPE[x.dtype], _ptr(zc), _ptr(xc[b0:]), _ptr(b1), _ptr(w2.contiguous()),
                 _ptr(b2), _ptr(None if mask is None else mask[b0:].contiguous()),

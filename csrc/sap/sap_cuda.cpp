@@ -4,9 +4,12 @@
 // The scorer GEMM z = x @ w1^T runs in cuBLAS (at::mm, the floor the benchmark compares with);
 // one fused kernel then does everything else (bias, ReLU, dropout mask, the dot with w2, the
 // window softmax and the weighted sum of x), so the small ops cost one launch and no
-// intermediate tensor besides z. z is written in x's dtype and, for large batches, computed a
-// chunk of images at a time into one reused buffer (bounded memory; the chunk size is a
-// tuning knob for keeping z in L2 between the GEMM and the epilogue).
+// intermediate tensor besides z. z is fp32 for every x dtype (the numeric contract,
+// docs/contract.md: fp32 accumulation and fp32 intermediates; a 16-bit z overflows for float16
+// |x| near 65504): for 16-bit x the GEMM reads 16-bit operands and writes fp32 (torch's
+// mm.dtype_out, cuBLAS with an fp32 output). For large batches z is computed a chunk of images
+// at a time into one reused buffer (bounded memory; the chunk size is a tuning knob for
+// keeping z in L2 between the GEMM and the epilogue).
 //
 // Compiled only by the real CUDA build (setup.py's CUDAExtension or the JIT build in
 // flashsloth_kernels/_cuda_ext.py); CI syntax-checks it (scripts/check_cuda_compile.sh).
@@ -131,23 +134,29 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
 
   int64_t chunk = images_per_chunk;
   if (chunk == 0) {
-    const int64_t z_image_bytes = N * Ch * static_cast<int64_t>(x.element_size());
+    const int64_t z_image_bytes = N * Ch * static_cast<int64_t>(sizeof(float));
     chunk = std::max<int64_t>(1, kMaxScoreBufferBytes / std::max<int64_t>(1, z_image_bytes));
   }
   chunk = std::min(chunk, B);
   TORCH_CHECK(chunk * Gh * Gw <= INT32_MAX, kOp, "images_per_chunk: ", chunk,
               " images of ", Gh * Gw, " windows exceed the grid limit; pass a smaller chunk");
-  at::Tensor z = at::empty({chunk * N, Ch}, x.options());
+  at::Tensor z = at::empty({chunk * N, Ch}, x.options().dtype(at::kFloat));  // fp32 always
+  const bool lowp = x.scalar_type() != at::kFloat;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t x_image = N * C, out_image = Gh * Gw * C, mask_image = N * Ch;
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
     at::Tensor zc = z.narrow(0, 0, nb * N);
-    at::mm_out(zc, xc.narrow(0, b0, nb).view({nb * N, C}), w1t);
+    const at::Tensor xb = xc.narrow(0, b0, nb).view({nb * N, C});
+    if (lowp) {
+      at::mm_out(zc, xb, w1t, at::kFloat);  // 16-bit operands, fp32 accumulation and output
+    } else {
+      at::mm_out(zc, xb, w1t);
+    }
 
     SapEpilogueArgs args;
-    args.z = zc.data_ptr();
+    args.z = zc.data_ptr<float>();
     args.x = static_cast<const char*>(xc.data_ptr()) + b0 * x_image * xc.element_size();
     args.b1 = b1c.defined() ? b1c.data_ptr() : nullptr;
     args.w2 = w2c.data_ptr();

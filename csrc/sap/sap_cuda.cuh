@@ -18,9 +18,10 @@ namespace flashsloth_cuda {
 
 // Arguments of the fused epilogue: scores from the scorer GEMM's output, window softmax, and
 // the attention-weighted sum of the window's patch features. All pointers are to contiguous
-// tensors on one device; 16-bit tensors are read as __half / __nv_bfloat16.
+// tensors on one device; 16-bit tensors are read as __half / __nv_bfloat16; z is fp32 for
+// every dtype (the numeric contract: fp32 intermediates).
 struct SapEpilogueArgs {
-  const void* z;                // (B*N, Ch): x @ w1^T, no bias (the GEMM output)
+  const float* z;               // (B*N, Ch) fp32: x @ w1^T, no bias (the GEMM output)
   const void* x;                // (B, N, C): patch features, N = H * W row-major
   const void* b1;               // (Ch,) or nullptr
   const void* w2;               // (Ch,)
@@ -39,7 +40,8 @@ cudaError_t sap_fwd_epilogue_launch(Dtype dtype, const SapEpilogueArgs& args,
                                     cudaStream_t stream);
 
 // Elements a 16-byte-aligned vector load would read for this call (1, 2, 4 or 8): the largest
-// width that divides C and Ch and keeps every row of x, z, w1-sized vectors and out aligned.
+// width that divides C and Ch and keeps every row of x, w1-sized vectors and out aligned to
+// VEC elements, and z (fp32) to VEC floats (read as VEC / 4 16-byte loads for VEC = 8).
 int sap_fwd_vector_width(Dtype dtype, const SapEpilogueArgs& args);
 
 }  // namespace flashsloth_cuda

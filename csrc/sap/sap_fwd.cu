@@ -70,7 +70,7 @@ int sap_fwd_vector_width(Dtype dtype, const SapEpilogueArgs& a) {
   const int elem = element_size(dtype);
   for (int vec = 16 / elem; vec > 1; vec /= 2) {
     const int bytes = vec * elem;
-    if (a.C % vec == 0 && a.Ch % vec == 0 && aligned(a.z, bytes) && aligned(a.x, bytes) &&
+    if (a.C % vec == 0 && a.Ch % vec == 0 && aligned(a.z, vec * 4 < 16 ? vec * 4 : 16) && aligned(a.x, bytes) &&
         aligned(a.b1, bytes) && aligned(a.w2, bytes) && aligned(a.out, bytes)) {
       return vec;
     }

@@ -37,11 +37,16 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Reads VEC elements as 16-byte loads at most (8 floats: two loads; the fp32 z next to 16-bit x).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_pack(const T* __restrict__ p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  constexpr int kW = VEC * sizeof(T) > 16 ? static_cast<int>(16 / sizeof(T)) : VEC;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+  for (int j = 0; j < VEC; j += kW) {
+    const Pack<T, kW> pk = *reinterpret_cast<const Pack<T, kW>*>(p + j);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) out[j + k] = to_float(pk.v[k]);
+  }
 }
 
 template <typename T, int VEC>
@@ -65,7 +70,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ float red_max[kMaxWarps];
   __shared__ float red_sum[kMaxWarps];
 
-  const T* __restrict__ z = static_cast<const T*>(a.z);
+  const float* __restrict__ z = a.z;  // fp32 for every T (the contract's fp32 intermediate)
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ b1 = static_cast<const T*>(a.b1);
   const T* __restrict__ w2 = static_cast<const T*>(a.w2);
@@ -92,12 +97,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int i = warp; i < n_win; i += nwarps) {
     const int64_t n = static_cast<int64_t>(r0 + i / ww) * a.W + (c0 + i % ww);
     const int64_t row = b * N + n;
-    const T* __restrict__ zr = z + row * a.Ch;
+    const float* __restrict__ zr = z + row * a.Ch;
     const uint8_t* __restrict__ mr = has_mask ? a.dropout_mask + row * a.Ch : nullptr;
     float acc = 0.f;
     for (int c = lane * VEC; c < a.Ch; c += 32 * VEC) {
       float zv[VEC], wv[VEC], bv[VEC];
-      load_pack<T, VEC>(zr + c, zv);
+      load_pack<float, VEC>(zr + c, zv);
       load_pack<T, VEC>(w2 + c, wv);
       if (b1 != nullptr) {
         load_pack<T, VEC>(b1 + c, bv);
