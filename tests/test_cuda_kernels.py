@@ -60,6 +60,7 @@ SAP_CASES = [
     (2, 2, 5, 1152, 1152, (2, 2), True, False),
     (2, 27, 27, 1152, 1152, (3, 3), True, True),
     (1, 9, 9, 300, 20, (9, 9), True, False),
+    (2, 3, 5, 16, 24, (4, 7), True, False),  # window larger than the grid: one partial window
 ]
 
 # Attention (B, H, Lq, Lk, Dk, Dv, masked): the attention issue's shapes (EmbQ 9 x 729 and
@@ -283,7 +284,7 @@ def test_cpp_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
         ops.spatial_attention_pool_fwd(x.cpu(), w1, b1, w2, b2, 3, 3, 3, 3, None, 1.0)
     with pytest.raises(RuntimeError, match="kh, kw"):
-        ops.spatial_attention_pool_fwd(x, w1, b1, w2, b2, 4, 3, 3, 3, None, 1.0)
+        ops.spatial_attention_pool_fwd(x, w1, b1, w2, b2, 0, 3, 3, 3, None, 1.0)
     q, k, v, mask, _ = make_attn_inputs((2, 2, 3, 10, 8, 8, True), torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="key_padding_mask: expected dtype bool"):
         ops.query_patch_attention_fwd(q, k, v, mask.float(), 1.0, 0)
@@ -786,7 +787,8 @@ def _emu_plan_checks(emu: _Emulated) -> None:
         assert covered - p["keys_per_split"] < Lk <= covered
 
 
-_EMU_SAP_QUICK = [SAP_CASES[i] for i in (1, 2, 5, 6)] + [(1, 6, 6, 1152, 1152, (3, 3), True, False)]
+_EMU_SAP_QUICK = ([SAP_CASES[i] for i in (1, 2, 5, 6)] + [(1, 6, 6, 1152, 1152, (3, 3), True, False)]
+                  + SAP_CASES[-1:])
 _EMU_ATTN_QUICK = [  # (case, num_splits, sm_count, smem opt-in)
     ((1, 4, 9, 729, 18, 36, False), 0, 132, 227 * 1024),    # EmbQ batch 1: split + combine
     ((2, 3, 9, 100, 18, 36, True), 0, 132, 227 * 1024),      # sample 1 all masked
@@ -837,7 +839,7 @@ def _emu_main(lib: str, which: str) -> None:
     if which == "attn":
         _emu_attn(emu, _EMU_ATTN_QUICK)
     if which == "all":
-        _emu_sap(emu, SAP_CASES[:-2] + _EMU_SAP_QUICK[-1:])
+        _emu_sap(emu, SAP_CASES[:-3] + _EMU_SAP_QUICK[-2:])
         _emu_attn(emu, _EMU_ATTN_QUICK + [(c, 0, 132, 227 * 1024) for c in ATTN_CASES
                                           if c[0] * c[1] * c[3] <= 20000])
     print("EMU OK", flush=True)

@@ -72,8 +72,10 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
               ", *), got ", x.sizes());
   TORCH_CHECK(C >= 1 && C <= INT32_MAX, kOp, "x: channels C must be in [1, 2^31), got ",
               C);
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= H && kw <= W, kOp, "kh, kw: expected a window",
-              " inside the (", H, ", ", W, ") grid, got (", kh, ", ", kw, ")");
+  // A window larger than the grid holds the patches that exist (the contract's partial
+  // windows, as the original loop): the kernel clips every window to the grid.
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= INT32_MAX && kw <= INT32_MAX, kOp,
+              "kh, kw: expected ints >= 1, got (", kh, ", ", kw, ")");
 
   check_like_x("w1", w1, x);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOp, "w1: expected shape (Ch, ", C,
@@ -114,7 +116,7 @@ at::Tensor sap_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
   at::Tensor out = at::empty({B, Gh * Gw, C}, x.options());
   if (B == 0) return out;
 
-  const int64_t smem = kh * kw * static_cast<int64_t>(sizeof(float));
+  const int64_t smem = std::min(kh, H) * std::min(kw, W) * static_cast<int64_t>(sizeof(float));
   if (smem > kDefaultSmemBytes) {
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,

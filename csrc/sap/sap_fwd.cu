@@ -34,7 +34,9 @@ cudaError_t launch(const SapEpilogueArgs& a, cudaStream_t stream) {
   int threads = ceil_div(ceil_div(a.C, VEC), 32) * 32;
   threads = threads < 64 ? 64 : (threads > sap_detail::kMaxThreads ? sap_detail::kMaxThreads
                                                                      : threads);
-  const size_t smem = static_cast<size_t>(a.kh) * a.kw * sizeof(float);
+  // scores of one window: at most the window clipped to the grid (a larger window is partial)
+  const size_t smem = static_cast<size_t>(a.kh < a.H ? a.kh : a.H) *
+                      static_cast<size_t>(a.kw < a.W ? a.kw : a.W) * sizeof(float);
   auto kernel = sap_detail::sap_fwd_epilogue_kernel<T, VEC>;
   if (smem > kDefaultSmemBytes) {
     // Windows of more than 12288 patches: opt in to the device's larger shared memory.
@@ -80,8 +82,8 @@ int sap_fwd_vector_width(Dtype dtype, const SapEpilogueArgs& a) {
 
 cudaError_t sap_fwd_epilogue_launch(Dtype dtype, const SapEpilogueArgs& a,
                                     cudaStream_t stream) {
-  if (a.H < 1 || a.W < 1 || a.C < 1 || a.Ch < 1 || a.kh < 1 || a.kw < 1 || a.kh > a.H ||
-      a.kw > a.W || a.z == nullptr || a.x == nullptr || a.w2 == nullptr || a.out == nullptr) {
+  if (a.H < 1 || a.W < 1 || a.C < 1 || a.Ch < 1 || a.kh < 1 || a.kw < 1 || a.z == nullptr ||
+      a.x == nullptr || a.w2 == nullptr || a.out == nullptr) {
     return cudaErrorInvalidValue;
   }
   const int vec = sap_fwd_vector_width(dtype, a);
