@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sdpa import sdpa
 from .config import TextConfig
 
 Tensor = torch.Tensor
@@ -184,9 +185,9 @@ class PhiAttention(nn.Module):
             # Phi-2's attention logits overflow fp16 (the original upcasts q and k to fp32)
             q, k, v = q.float(), k.float(), v.float()
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            out = sdpa(q, k, v, is_causal=T > 1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = sdpa(q, k, v, attn_mask=mask)
         return self.dense(out.to(dtype).transpose(1, 2).reshape(B, T, D))
 
 

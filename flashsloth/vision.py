@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sdpa import sdpa
 from .config import VisionConfig
 
 
@@ -36,7 +37,7 @@ class SiglipAttention(nn.Module):
         q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         if not return_attention:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = sdpa(q, k, v)
             return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
         probs = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5).float().softmax(-1)
         out = probs.to(v.dtype) @ v
