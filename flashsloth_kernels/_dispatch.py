@@ -20,13 +20,15 @@ ReasonsFn = Callable[..., List[str]]
 
 # Preference order of "auto" per device type (fastest first). Triton on a CPU
 # tensor means the interpreter, which is for tests only, so auto never picks it.
-# On CUDA, Triton comes first: it has fused forward and backward kernels, while the CUDA
-# extension (forward only, inference path) has not yet been timed on a GPU; move "cuda"
-# ahead per op once benchmarks/results/<gpu>/ shows it faster.
+# On CUDA this is only the default of a new op: each op sets its own order from its GPU
+# measurements (benchmarks/results/<gpu>/), see sap/op.py and attention/op.py.
 DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
+
+# An order that depends on the problem: facts (as passed to select) -> preference order.
+OrderRule = Callable[[Dict[str, object]], Sequence[str]]
 
 
 class BackendUnavailableError(NotImplementedError):
@@ -44,6 +46,17 @@ class Dispatcher:
         self.order = dict(DEFAULT_ORDER if order is None else order)
         self._reasons: Dict[str, ReasonsFn] = {}
         self._auto_cache: Dict[Hashable, str] = {}
+        self._rules: Dict[str, OrderRule] = {}
+
+    def set_order(self, device_type: str, order: Sequence[str] | OrderRule) -> None:
+        """The "auto" preference for ``device_type``: a fixed order, or a rule mapping the
+        problem's facts (e.g. its size) to one."""
+        if callable(order):
+            self._rules[device_type] = order
+        else:
+            self._rules.pop(device_type, None)
+            self.order[device_type] = tuple(order)
+        self._auto_cache.clear()
 
     def register(self, name: str, reasons: ReasonsFn) -> None:
         if name not in _env.BACKENDS or name == "auto":
@@ -101,7 +114,7 @@ class Dispatcher:
         if hit is not None:
             return hit
         tried: List[str] = []
-        for name in self._order_for(device):
+        for name in self._order_for(device, facts):
             why = self.reasons(name, device, dtype, **facts)
             if not why:
                 self._auto_cache[key] = name
@@ -110,7 +123,11 @@ class Dispatcher:
         raise BackendUnavailableError(
             f"{self.op}: no backend can run this input ({' | '.join(tried)})")
 
-    def _order_for(self, device: torch.device) -> Sequence[str]:
+    def _order_for(self, device: torch.device, facts: Dict[str, object] | None = None
+                   ) -> Sequence[str]:
+        rule = self._rules.get(device.type)
+        if rule is not None:
+            return tuple(rule(facts or {}))
         return self.order.get(device.type, ("reference",))
 
     def explain(self, device: torch.device, dtype: torch.dtype, **facts) -> Dict[str, List[str]]:

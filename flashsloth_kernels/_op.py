@@ -197,8 +197,10 @@ class FusedOp:
         return name
 
     def resolve(self, requested: str, device: torch.device, dtype: torch.dtype,
-                needs_grad: bool) -> str:
-        return self.dispatcher.select(requested, device, dtype, needs_grad=needs_grad)
+                needs_grad: bool, **facts) -> str:
+        """The backend that runs this call; ``facts`` (plain ints / bools) are what an op's
+        size-dependent "auto" order reads."""
+        return self.dispatcher.select(requested, device, dtype, needs_grad=needs_grad, **facts)
 
     # --- registration --------------------------------------------------------------------
     def define(self, forward: Callable, forward_fake: Callable, backward_impl: Callable,

@@ -142,3 +142,21 @@ def test_opcheck_the_compiled_kernel_ops():
     out, lse = ops.query_patch_attention_fwd(q, k, v, mask, 0.5)
     torch.library.opcheck(ops.query_patch_attention_bwd.default,
                           (torch.randn_like(out), q, k, v, mask, 0.5, out, lse))
+
+
+def test_cuda_auto_order_per_op_and_size():
+    """The measured CUDA preferences (benchmarks/results/nvidia-h200/): SAP's extension first at
+    every size; attention's extension for host-bound sizes, Triton from LARGE_KEYS_X_HEADS on.
+    The rule reads the problem's facts, and a named backend is never overridden."""
+    from flashsloth_kernels.attention import op as attn_op
+    from flashsloth_kernels.sap import op as sap_op
+
+    cuda = torch.device("cuda")
+    assert sap_op.dispatcher._order_for(cuda, {"large": True})[0] == "cuda"
+    assert attn_op.dispatcher._order_for(cuda, {"large": False})[0] == "cuda"
+    assert attn_op.dispatcher._order_for(cuda, {"large": True})[0] == "triton"
+    assert attn_op.dispatcher._order_for(torch.device("cpu"), {"large": True})[0] == "cpu"
+    q = torch.empty(1, 32, 9, 18, device="meta")
+    assert not attn_op._large(q, torch.empty(8, 32, 729, 18, device="meta")[:1])
+    assert attn_op._large(torch.empty(8, 32, 9, 18, device="meta"),
+                          torch.empty(8, 32, 3645, 18, device="meta"))

@@ -30,6 +30,32 @@ fused = FusedOp("query_patch_attention", folder="attention", prefix="attn",
                                  "query_patch_attention_reference"))
 dispatcher = fused.dispatcher
 
+# "auto" on CUDA, from the H200 run of 2026-12-04 (benchmarks/results/nvidia-h200/, bf16,
+# H = 32, Lq = 9, Dk/Dv = 18/36; median per call, do_bench):
+#   forward  B=1 Lk=729: cuda 0.066 ms, triton 0.278 | B=8 Lk=729: 0.064 vs 0.252
+#            B=1 Lk=3645: 0.099 vs 0.331 | B=8 Lk=3645: 0.193 vs 0.144
+#            B=64 Lk=729: 0.299 vs 0.257 | B=64 Lk=3645: 1.392 vs 0.351
+# Small problems are host-bound (Triton's launch path costs ~0.2 ms more per call than the
+# extension's); from ~half a million keys x heads on, Triton's kernel is the faster one.
+# EmbQ at inference (B = 1, 729 or 3645 keys) is on the cuda side of the line.
+LARGE_KEYS_X_HEADS = 1 << 19
+
+
+def _cuda_order(facts):
+    if facts.get("large"):
+        return ("triton", "cuda", "reference")
+    return ("cuda", "triton", "reference")
+
+
+dispatcher.set_order("cuda", _cuda_order)
+
+
+def _large(q: Tensor, k: Tensor) -> bool:
+    """Whether "auto" prefers the large-problem order. Symbolic sizes (export, dynamic
+    compile) answer False: the op resolves "auto" again where it runs, with real sizes."""
+    n = q.shape[0] * q.shape[1] * k.shape[2]
+    return n >= LARGE_KEYS_X_HEADS if isinstance(n, int) else False
+
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -48,7 +74,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
         lse = q.new_full((B, H, Lq), math.inf, dtype=_lse_dtype(q.dtype))
         return out, lse
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad  # as the public function
-    name = fused.resolve(backend, q.device, q.dtype, needs_grad=needs_grad)
+    name = fused.resolve(backend, q.device, q.dtype, needs_grad=needs_grad, large=_large(q, k))
     out, lse = fused.host(name)[0](q, k, v, key_padding_mask, scale)
     # the fake kernel promises contiguous outputs (no-ops for the backends' own buffers)
     return out.contiguous(), lse.contiguous()
@@ -65,7 +91,7 @@ def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     if _degenerate(q, k, v):
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    name = fused.resolve(backend, q.device, q.dtype, needs_grad=True)
+    name = fused.resolve(backend, q.device, q.dtype, needs_grad=True, large=_large(q, k))
     dq, dk, dv = fused.host(name)[1](grad_out, q, k, v, key_padding_mask, scale, out, lse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -219,6 +245,6 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
     requested = fused.requested(backend)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    fused.resolve(requested, q.device, dtype, needs_grad)  # raises before any work
+    fused.resolve(requested, q.device, dtype, needs_grad, large=_large(q, k))  # raises early
     args = (q, k, v, key_padding_mask, scale, requested)
     return fused.call(args, (q, k, v), q.device)[0]

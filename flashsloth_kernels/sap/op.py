@@ -23,6 +23,12 @@ fused = FusedOp("spatial_attention_pool", folder="sap", prefix="sap",
                 reference_hosts=(reference.sap_reference_fwd, reference.sap_reference_bwd),
                 plain_reference="flashsloth_kernels.sap.reference.sap_reference")
 dispatcher = fused.dispatcher
+# "auto" on CUDA: the extension's forward (cuBLAS GEMM with fp32 output + one fused epilogue)
+# was faster than Triton's at every batch size of the H200 run of 2026-12-04
+# (benchmarks/results/nvidia-h200/, bf16, 27x27 patches, C = 1152): forward 0.12 / 0.10 /
+# 0.22 / 0.30 ms against 0.36 / 0.29 / 0.52 / 0.50 at B = 1 / 4 / 16 / 64, forward + backward
+# 2.0-2.3 ms against 2.5 (its backward runs on Triton).
+dispatcher.set_order("cuda", ("cuda", "triton", "reference"))
 
 
 def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
