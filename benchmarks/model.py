@@ -242,11 +242,24 @@ def _counts(preset: str, compression: str, dtype: torch.dtype) -> Row:
             "kv_cache_bytes": kv_cache_bytes(model, L, pruned=pruned), "note": note}
 
 
+def share_weights(model: torch.nn.Module, source: torch.nn.Module) -> int:
+    """Make ``model`` use ``source``'s tensors wherever a parameter or buffer has the same name,
+    shape and dtype (the vision tower, projector and LLM every mode has), so the models of
+    every mode fit in memory together and take turns in the same rounds. Returns the bytes
+    no longer held twice. Weights are random here: sharing changes no timing."""
+    src = source.state_dict(keep_vars=True)
+    mine = model.state_dict(keep_vars=True)
+    same = {k: v for k, v in src.items()
+            if k in mine and mine[k].shape == v.shape and mine[k].dtype == v.dtype}
+    model.load_state_dict(same, strict=False, assign=True)
+    return sum(v.nbytes for v in same.values())
+
+
 class _Timed:
     """One compression mode's model, prompt and timed prefill / decode closures."""
 
     def __init__(self, preset: str, compression: str, cfg_run: RunConfig, n_new: int,
-                 extra_positions: int = 0):
+                 extra_positions: int = 0, share_with: Optional[torch.nn.Module] = None):
         from flashsloth.model import FlashSloth
 
         cfg, _ = model_config(preset, compression,
@@ -254,6 +267,8 @@ class _Timed:
         dev = cfg_run.device
         torch.manual_seed(0)
         self.model = FlashSloth(cfg, device=dev, dtype=cfg_run.dtype).eval()
+        if share_with is not None:
+            share_weights(self.model, share_with)
         self.ids = prompt_ids(cfg).to(dev)
         self.px = torch.rand(pixel_shape(cfg), device=dev).to(cfg_run.dtype)
         self.n_new = n_new
@@ -294,18 +309,33 @@ class _Timed:
                 "reps": len(self.prefill_s), "peak_mem_bytes": peak}
 
 
+def _available_cpu_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else 2 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2 << 30
+
+
 def _fits_together(preset: str, cfg_run: RunConfig, n_modes: int) -> bool:
     """Whether the models of every mode fit in memory at once (then they are timed in
-    interleaved rounds, so the noise of a shared machine hits every mode alike)."""
+    interleaved rounds, so the noise of a shared machine hits every mode alike). The modes
+    share their common weights (share_weights), so together they hold about one model; while
+    the next one is built, two (its own weights are freed once shared)."""
     from flashsloth.model import FlashSloth
 
     cfg, _ = model_config(preset, "flashsloth")
     meta = FlashSloth(cfg, device="meta", dtype=cfg_run.dtype)
-    need = n_modes * sum(p.nbytes for p in meta.parameters())
+    one = sum(p.nbytes for p in meta.parameters())
+    need = (2 if n_modes > 1 else 1) * one
     if cfg_run.on_gpu:
         free, _ = torch.cuda.mem_get_info(cfg_run.device)
         return need < 0.5 * free
-    return need < (2 << 30)
+    return need < 0.75 * _available_cpu_bytes()
 
 
 def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Row]]:
@@ -332,8 +362,9 @@ def _latencies(preset: str, cfg_run: RunConfig) -> Tuple[Dict[str, Row], List[Ro
         live: Dict[str, _Timed] = {}
         for comp in modes:
             try:
+                first = next(iter(live.values())).model if live else None
                 t = _Timed(preset, comp, cfg_run, n_new,
-                           serving.extra_positions(requests, N_QUESTION))
+                           serving.extra_positions(requests, N_QUESTION), share_with=first)
                 t.both()  # warm-up (lazy init, allocator, first-call dispatch)
                 live[comp] = t
             except Exception as exc:

@@ -90,3 +90,35 @@ def test_a_tiny_run_and_its_vllm_files(tmp_path):
     assert data["output_lens"] == [r.output_tokens for r in requests]
     assert data["flashsloth_visual_tokens"] == 4
     assert not list((tmp_path / "serving").glob("*.tmp"))
+
+
+def test_modes_share_their_common_weights():
+    """The model section's modes share the vision tower / projector / LLM tensors (so the
+    3.2B models fit together and take turns): shared tensors are the same storage, the
+    compression's own weights stay the mode's own, and the shared model computes what a
+    model holding copies of those weights computes."""
+    from benchmarks.model import model_config, pixel_shape, prompt_ids, share_weights
+    from flashsloth.model import FlashSloth
+
+    def build(comp):
+        cfg, _ = model_config("tiny", comp)
+        torch.manual_seed(0)
+        return FlashSloth(cfg).eval(), cfg
+
+    first, _ = build("flashsloth")
+    other, cfg = build("none")
+    copy, _ = build("none")
+    saved = share_weights(other, first)
+    mine, theirs = dict(other.named_parameters()), dict(first.named_parameters())
+    common = [k for k in mine if k in theirs and mine[k].shape == theirs[k].shape]
+    assert saved > 0 and common
+    assert all(mine[k].data_ptr() == theirs[k].data_ptr() for k in common)
+    assert any(k not in mine for k in theirs)  # flashsloth's own modules stay its own
+    copy.load_state_dict({k: v.detach().clone() for k, v in first.state_dict().items()
+                          if k in copy.state_dict() and copy.state_dict()[k].shape == v.shape},
+                         strict=False)
+    ids = prompt_ids(cfg)
+    px = torch.rand(pixel_shape(cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(other.prefill(px, ids, max_new_tokens=1)[0],
+                                   copy.prefill(px, ids, max_new_tokens=1)[0], rtol=0, atol=0)
