@@ -40,6 +40,7 @@ from .. import _compat, _env, _ext
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
+_isa = _ext.IsaSwitch("flashsloth_kernels.sap._C", "spatial_attention_pool")
 
 
 def _lowp_gemm(dtype: torch.dtype) -> bool:
@@ -53,6 +54,7 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
             dropout_scale: float) -> Tensor:
     """Fused forward. x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,),
     b2: (1,) or None, dropout_mask: (B, N, Ch) bool or None -> (B, G, C) in x's dtype."""
+    _isa.apply()
     return _ops.spatial_attention_pool_fwd(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), _lowp_gemm(x.dtype))
@@ -67,8 +69,20 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     Returns (dx (B, N, C), dw1 (Ch, C), db1 (Ch,), dw2 (Ch,), db2 (1,)), each in its input's
     dtype; dx is an empty tensor unless need_x, the other four unless need_w.
     """
+    _isa.apply()
     return _ops.spatial_attention_pool_bwd(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2,
                                            kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), bool(need_x), bool(need_w),
                             _lowp_gemm(x.dtype))
+
+
+def isa() -> str:
+    """The instruction set the elementwise passes run with: "avx512", "avx2" or "baseline" (the
+    widest this CPU supports, or the one FLASHSLOTH_CPU_ISA forces). The GEMMs are ATen's."""
+    return _isa.current()
+
+
+def supported_isas() -> Tuple[str, ...]:
+    """The variants compiled in that this CPU can run, widest first."""
+    return _isa.supported()
