@@ -548,3 +548,14 @@ def test_cpu_isa_variants_match_reference(monkeypatch):
     finally:
         monkeypatch.delenv("FLASHSLOTH_CPU_ISA", raising=False)
         fused_cpu.isa()  # back to auto
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 17, 17, 38, 70, 3), (1, 6, 7, 37, 65, (2, 3)),
+                                  (3, 9, 9, 64, 128, 4)], ids=case_id)
+def test_cpu_16bit_forward_gemm_tails(dtype, case):
+    """16-bit x: where oneDNN's brgemm micro-kernel is available the forward's z = x W1^T runs on
+    it with an fp32 output (csrc/sap/sap_cpu.cpp, gemm_lowp_f32), in tiles of 32 x 64 over tasks
+    of 256 rows; shapes with partial row tiles, partial column blocks (Ch = 70, 65) and an odd
+    C (the fp32 fallback) meet the criterion, forward and backward."""
+    check_against_reference("cpu", "cpu", case, dtype)
