@@ -302,7 +302,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const auto acc_opts = x.options().dtype(acc_st);
   const Tensor xa = x.to(acc_st).contiguous().view({M, C});
   const Tensor w1a = w1.to(acc_st).contiguous();
-  Tensor z = at::mm(xa, w1a.t());  // recomputed: the forward saves no (B, N, Ch) activation
+  // recomputed: the forward saves no (B, N, Ch) activation (16-bit D: on the brgemm
+  // micro-kernel from the 16-bit operands, as the forward)
+  Tensor z;
+  if constexpr (!kInPlace) z = gemm_lowp_f32<D>(x.contiguous().view({M, C}), w1.contiguous());
+  if (!z.defined()) z = at::mm(xa, w1a.t());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
   const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
   const Tensor g = gout.to(acc_st).contiguous();

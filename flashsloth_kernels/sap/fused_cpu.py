@@ -11,13 +11,14 @@ fuses the softmax and activation backward into one pass, and hands dW1 and dx to
 7-25% slower than one big GEMM plus the pass, so the op does the latter.)
 
 Numerics (docs/contract.md): elementwise work and the hidden activations z in float32 (float64
-for float64 inputs), one rounding to x's dtype at the end. The forward GEMM always runs in
-float32 / float64 (16-bit x is converted once: ATen has no CPU GEMM with 16-bit operands and a
-float32 output, and a 16-bit z overflows in float16 at 65504). For bfloat16 (float16) inputs on a
-CPU where oneDNN has a fast 16-bit GEMM (and FLASHSLOTH_CPU_ISA does not force a variant below
-AVX-512), the backward's dW1 / dx GEMMs run in that dtype (fp32 accumulation) with dz rounded to
-it as their operand; elsewhere every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM
-is 5-70x slower.
+for float64 inputs), one rounding to x's dtype at the end. The scorer GEMM always has a
+float32 / float64 output (a 16-bit z overflows in float16 at 65504). For bfloat16 (float16)
+inputs on a CPU where oneDNN has a fast 16-bit GEMM (and FLASHSLOTH_CPU_ISA does not force a
+variant below AVX-512), z = x W1^T (forward and the backward's recompute) runs on oneDNN's
+brgemm micro-kernel with 16-bit operands and an fp32 output (ATen's cpublas::brgemm; ATen's
+16-bit GEMMs round their output to 16 bits), and the backward's dW1 / dx GEMMs run in that dtype
+(fp32 accumulation) with dz rounded to it as their operand; elsewhere x is converted once and
+every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower.
 
 Determinism: run to run, every output is bitwise identical. Every sum of ours runs in an order
 fixed by the problem, never by the thread count; the GEMMs are MKL's / oneDNN's, and a library
