@@ -44,3 +44,37 @@ def triton_error() -> str | None:
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
     return None
+
+
+class IsaSwitch:
+    """The instruction-set variant of one op's C++ CPU kernels (csrc/common/cpu_isa.h), applied
+    from FLASHSLOTH_CPU_ISA before each call (read at call time, set in C++ only on change).
+    ``prefix`` names the op's C++ queries: ``<prefix>_isa``, ``<prefix>_set_isa``,
+    ``<prefix>_supported_isas`` in torch.ops.flashsloth."""
+
+    def __init__(self, module: str, prefix: str) -> None:
+        self._module, self._prefix, self._applied = module, prefix, ""
+
+    def _op(self, suffix: str):
+        return getattr(cpu_ops(self._module), f"{self._prefix}_{suffix}")
+
+    def supported(self) -> tuple:
+        """The variants compiled in that this CPU can run, widest first."""
+        return tuple(self._op("supported_isas")())
+
+    def apply(self) -> None:
+        from . import _env
+
+        want = _env.cpu_isa()
+        if want == self._applied:
+            return
+        if want != "auto" and want not in self.supported():
+            raise ValueError(f"FLASHSLOTH_CPU_ISA={want!r}: this CPU (or build) cannot run that "
+                             f"variant; it can run: {', '.join(self.supported())} (or auto)")
+        self._op("set_isa")(want)
+        self._applied = want
+
+    def current(self) -> str:
+        """The variant the kernels run with (after applying FLASHSLOTH_CPU_ISA)."""
+        self.apply()
+        return self._op("isa")()

@@ -157,3 +157,21 @@ def test_gradcheck_float64():
 
 def test_isa_is_reported():
     assert fused_cpu.isa() in ("avx512", "avx2", "baseline")
+
+
+def test_no_score_sized_tensor_in_memory():
+    """Forward and backward stream the keys (the backward recomputes the probabilities from
+    lse): no tensor of the scores' size (B, H, Lq, Lk) is ever allocated. With Lq = 64 and
+    head dims of 8 the scores are 8x larger than any input or gradient, so the largest
+    allocation (torch.profiler's memory events) must stay well below them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, H, Lq, Lk, Dk, Dv = 2, 4, 64, 3645, 8, 8
+    q, k, v, mask = _inputs(B, H, Lq, Lk, Dk, Dv, torch.float32, masked=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    scores_bytes = B * H * Lq * Lk * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = query_patch_attention(*leaves, mask, 0.3, backend="cpu")
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= scores_bytes // 3, (largest, scores_bytes)

@@ -507,3 +507,55 @@ def test_cpu_deterministic_across_thread_counts():
             if name != "dw1":
                 assert torch.equal(a, b), name
     check_sap(results[2][0], list(results[2][1:]), inputs, grad, 3, 3, H, W)
+
+
+def test_cpu_isa_variants_match_reference(monkeypatch):
+    """The CPU kernel's elementwise passes are compiled per instruction set (csrc/common/
+    cpu_isa.h); FLASHSLOTH_CPU_ISA forces each variant this CPU runs, and every one meets the
+    criterion on odd shapes (C, Ch not multiples of any vector width, partial edge windows),
+    with a dropout mask, with 16-bit inputs, and keeps a NaN patch inside its own window."""
+    from flashsloth_kernels.sap import fused_cpu
+
+    supported = fused_cpu.supported_isas()
+    assert supported and supported[-1] == "baseline"
+    B, H, W, C, Ch, (kh, kw) = 2, 5, 7, 37, 23, (2, 3)
+    G = math.ceil(H / kh) * math.ceil(W / kw)
+    try:
+        for isa in supported:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", isa)
+            assert fused_cpu.isa() == isa
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                check_against_reference("cpu", "cpu", (B, H, W, C, Ch, (kh, kw)), dtype)
+            x, w1, b1, w2, b2 = make_inputs(B, H, W, C, Ch)
+            mask = torch.rand(B, H * W, Ch) >= 0.3
+            grad = torch.randn(B, G, C)
+            leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2.reshape(Ch), b2)]
+            out = SAP(*leaves, kh, kw, H, W, mask, 1 / 0.7, "cpu")
+            grads = torch.autograd.grad(out, leaves, grad)
+            check_sap(out, list(grads), [x, w1, b1, w2, b2], grad, kh, kw, H, W, mask, 1 / 0.7)
+            x[1, 3 * W + 4, 5] = math.nan  # patch (3, 4): window (1, 1) of image 1
+            out = spatial_attention_pool(x, w1, b1, w2, b2, (kh, kw), (H, W), backend="cpu")
+            bad = torch.zeros(B, G, dtype=torch.bool)
+            bad[1, 1 * math.ceil(W / kw) + 1] = True
+            assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+        monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "auto")
+        assert fused_cpu.isa() == supported[0]
+        missing = [i for i in ("avx512", "avx2") if i not in supported]
+        if missing:
+            monkeypatch.setenv("FLASHSLOTH_CPU_ISA", missing[0])
+            with pytest.raises(ValueError, match="cannot run that variant"):
+                spatial_attention_pool(*make_inputs(1, 3, 3, 4, 4), 3, backend="cpu")
+    finally:
+        monkeypatch.delenv("FLASHSLOTH_CPU_ISA", raising=False)
+        fused_cpu.isa()  # back to auto
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 17, 17, 38, 70, 3), (1, 6, 7, 37, 65, (2, 3)),
+                                  (3, 9, 9, 64, 128, 4)], ids=case_id)
+def test_cpu_16bit_forward_gemm_tails(dtype, case):
+    """16-bit x: where oneDNN's brgemm micro-kernel is available the forward's z = x W1^T runs on
+    it with an fp32 output (csrc/sap/sap_cpu.cpp, gemm_lowp_f32), in tiles of 32 x 64 over tasks
+    of 256 rows; shapes with partial row tiles, partial column blocks (Ch = 70, 65) and an odd
+    C (the fp32 fallback) meet the criterion, forward and backward."""
+    check_against_reference("cpu", "cpu", case, dtype)

@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,16 +31,12 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "common/cpu_isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // the fp32 gathers of the AVX-512 / AVX2 kernels
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define FS_ATTN_X86_VARIANTS 1
-#else
-#define FS_ATTN_X86_VARIANTS 0
-#endif
 
 namespace flashsloth {
 namespace attention {
@@ -52,7 +47,7 @@ namespace baseline {
 #undef FS_VEC_BYTES
 }  // namespace baseline
 
-#if FS_ATTN_X86_VARIANTS
+#if FS_X86_VARIANTS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -83,69 +78,21 @@ struct Kernels {
   BwdFn bwd;
 };
 
-// Every variant compiled into this build, widest first, and whether this CPU can run it.
-struct Variant {
-  Kernels k;
-  bool supported;
-};
-
-const std::vector<Variant>& variants() {
-  static const std::vector<Variant> v = [] {
-    std::vector<Variant> r;
-#if FS_ATTN_X86_VARIANTS
-    __builtin_cpu_init();
-    const bool fma = __builtin_cpu_supports("fma"), avx2 = __builtin_cpu_supports("avx2");
-    r.push_back({{"avx512", avx512::fwd_unit, avx512::bwd_unit},
-                 __builtin_cpu_supports("avx512f") && avx2 && fma});
-    r.push_back({{"avx2", avx2::fwd_unit, avx2::bwd_unit}, avx2 && fma});
+// Every variant compiled into this build, widest first, and the one in use (the Python side
+// applies FLASHSLOTH_CPU_ISA, read in flashsloth_kernels/_env.py, before each call).
+cpu_isa::IsaTable<Kernels>& isa_table() {
+  static cpu_isa::IsaTable<Kernels> t("query_patch_attention", {
+#if FS_X86_VARIANTS
+      {"avx512", avx512::fwd_unit, avx512::bwd_unit},
+      {"avx2", avx2::fwd_unit, avx2::bwd_unit},
 #endif
-    r.push_back({{"baseline", baseline::fwd_unit, baseline::bwd_unit}, true});
-    return r;
-  }();
-  return v;
+      {"baseline", baseline::fwd_unit, baseline::bwd_unit}});
+  return t;
 }
 
-// The variant in use: the widest this CPU supports unless set_isa chose another (the Python
-// side applies FLASHSLOTH_CPU_ISA, read in flashsloth_kernels/_env.py, before each call).
-std::atomic<const Kernels*> g_kernels{nullptr};
-
-const Kernels* widest_supported() {
-  for (const Variant& v : variants())
-    if (v.supported) return &v.k;
-  return &variants().back().k;
-}
-
-const Kernels& kernels() {
-  const Kernels* k = g_kernels.load(std::memory_order_acquire);
-  if (k == nullptr) {
-    k = widest_supported();
-    g_kernels.store(k, std::memory_order_release);
-  }
-  return *k;
-}
-
-// "auto" or a variant name; an unknown name or a variant this CPU cannot run is an error
-// naming the variants it can. Returns the variant now in use.
-std::string set_attention_isa(const std::string& isa) {
-  const Kernels* chosen = nullptr;
-  std::string runnable;
-  for (const Variant& v : variants()) {
-    if (v.supported) runnable += std::string(runnable.empty() ? "" : ", ") + v.k.isa;
-    if (isa == v.k.isa && v.supported) chosen = &v.k;
-  }
-  if (isa == "auto") chosen = widest_supported();
-  TORCH_CHECK(chosen != nullptr, "query_patch_attention: instruction set '", isa,
-              "' is not available on this CPU / build; expected auto or one of: ", runnable);
-  g_kernels.store(chosen, std::memory_order_release);
-  return chosen->isa;
-}
-
-std::vector<std::string> supported_attention_isas() {
-  std::vector<std::string> r;
-  for (const Variant& v : variants())
-    if (v.supported) r.emplace_back(v.k.isa);
-  return r;
-}
+const Kernels& kernels() { return isa_table().get(); }
+std::string set_attention_isa(const std::string& isa) { return isa_table().set(isa); }
+std::vector<std::string> supported_attention_isas() { return isa_table().supported(); }
 
 // Parallel tasks wanted from the key splits when B * H alone is small. A constant, not the
 // thread count, so the split (and the rounding) never depends on the machine's threads.

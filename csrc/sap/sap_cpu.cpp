@@ -16,8 +16,12 @@
 // Elementwise work runs in float32 (float64 for float64 inputs). None of our sums depends on the
 // thread count: a window is handled by one thread, sums across rows go through per-strip partials
 // (the strips are fixed by the problem) added up in strip order. (The GEMMs are MKL's / oneDNN's.)
+// The two passes (sap_cpu_kernels.h) are compiled for AVX-512, AVX2 and the baseline
+// instruction set and the widest the CPU runs is used (csrc/common/cpu_isa.h;
+// spatial_attention_pool_isa() reports it, FLASHSLOTH_CPU_ISA forces one).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -27,15 +31,64 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "sap_cpu.h"
+
 namespace flashsloth {
 namespace sap {
+
+namespace baseline {
+#include "sap_cpu_kernels.h"
+}  // namespace baseline
+
+#if FS_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "sap_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#include "sap_cpu_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
 namespace {
 
 using at::Tensor;
+
+struct Kernels {
+  const char* isa;
+  void (*fwd)(const FwdArgs&, int64_t, int64_t);
+  void (*bwd)(const BwdArgs&, int64_t, int64_t);
+};
+
+cpu_isa::IsaTable<Kernels>& kernels() {
+  static cpu_isa::IsaTable<Kernels> t("spatial_attention_pool", {
+#if FS_X86_VARIANTS
+      {"avx512", avx512::fwd_range, avx512::bwd_range},
+      {"avx2", avx2::fwd_range, avx2::bwd_range},
+#endif
+      {"baseline", baseline::fwd_range, baseline::bwd_range}});
+  return t;
+}
+
+template <typename T>
+DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return DType::f32;
+  else if constexpr (std::is_same_v<T, double>) return DType::f64;
+  else if constexpr (std::is_same_v<T, c10::Half>) return DType::f16;
+  else return DType::bf16;
+}
 
 // Least work (row elements touched) a parallel task gets, about 1 ms of one core; smaller passes
 // run on the calling thread. On a shared, oversubscribed CPU a parallel region waits until all
@@ -46,113 +99,6 @@ constexpr int64_t kMinTaskWork = int64_t(1) << 21;
 
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, (kMinTaskWork + work_per_item - 1) / work_per_item);
-}
-
-// Width of the independent partial sums of the dot products: lets the compiler vectorise the
-// inner loops without -ffast-math while keeping the summation order fixed.
-constexpr int kLanes = 16;
-
-template <typename acc_t>
-inline acc_t reduce_lanes(const acc_t* acc) {
-  acc_t t[kLanes];
-  for (int j = 0; j < kLanes; ++j) t[j] = acc[j];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) t[j] += t[j + w];
-  return t[0];
-}
-
-// w2s . (relu(z + b1) * mask) for one row of z (b2 is the caller's). w2s already holds
-// w2 * dropout_scale when there is a mask, so the mask enters as a 0/1 factor.
-template <bool kMasked, typename T, typename acc_t>
-inline acc_t row_score(const T* z, const acc_t* b1, const acc_t* w2s, const bool* mask,
-                       int64_t Ch) {
-  // bytes, not bools: GCC does not vectorise loads of bool
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask);
-  acc_t acc[kLanes] = {};
-  auto term = [&](int64_t k) {
-    const acc_t v = static_cast<acc_t>(z[k]) + b1[k];
-    // relu as torch.relu: NaN stays NaN (the numeric contract; `v > 0 ? v : 0` would turn a
-    // NaN in w1 / b1 / x into a finite score). GCC lowers this to a NaN-propagating max.
-    acc_t a = v < acc_t(0) ? acc_t(0) : v;
-    if constexpr (kMasked) a *= static_cast<acc_t>(m[k]);
-    return w2s[k] * a;
-  };
-  int64_t k = 0;
-  for (; k + kLanes <= Ch; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += term(k + j);
-  for (int j = 0; k + j < Ch; ++j) acc[j] += term(k + j);
-  return reduce_lanes(acc);
-}
-
-template <typename T, typename acc_t>
-inline acc_t dot_row(const T* x, const acc_t* g, int64_t C) {
-  acc_t acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += g[c + j] * static_cast<acc_t>(x[c + j]);
-  for (int j = 0; c + j < C; ++j) acc[j] += g[c + j] * static_cast<acc_t>(x[c + j]);
-  return reduce_lanes(acc);
-}
-
-// x where v > 0, else 0. The gate is a bit mask from an integer compare of v's bits (positive
-// floats are exactly the positive integers): GCC (by default -ftrapping-math) will not
-// if-convert a floating-point compare-and-select, which leaves the loop scalar.
-template <typename acc_t>
-inline acc_t keep_if_positive(acc_t v, acc_t x) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
-  bits_t vb, xb;
-  std::memcpy(&vb, &v, sizeof(acc_t));
-  std::memcpy(&xb, &x, sizeof(acc_t));
-  xb &= -static_cast<bits_t>(vb > 0);
-  acc_t r;
-  std::memcpy(&r, &xb, sizeof(acc_t));
-  return r;
-}
-
-// acc_t -> D for stores in the hot loops. bfloat16 is rounded to nearest even with integer
-// ops (c10's conversion branches on NaN, which keeps loops scalar); same result, NaN -> 0x7FC0.
-template <typename D, typename acc_t>
-inline D store_as(acc_t v) {
-  if constexpr (std::is_same_v<D, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    const uint32_t nan = -static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
-    const uint32_t r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan;
-    return c10::BFloat16(static_cast<uint16_t>(r | (0x7fc0u & nan)), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<D>(v);
-  }
-}
-
-// Geometry of the row-major, non-overlapping kh x kw windows (edge windows partial).
-struct Windows {
-  int64_t H, W, kh, kw, Gh, Gw, G;
-  Windows(int64_t H_, int64_t W_, int64_t kh_, int64_t kw_)
-      : H(H_), W(W_), kh(kh_), kw(kw_), Gh((H_ + kh_ - 1) / kh_), Gw((W_ + kw_ - 1) / kw_),
-        G(Gh * Gw) {}
-  // Patch indices (within one image) of window g, row-major; returns how many.
-  int64_t patches(int64_t g, int64_t* idx) const {
-    const int64_t r0 = (g / Gw) * kh, c0 = (g % Gw) * kw;
-    const int64_t r1 = std::min(H, r0 + kh), c1 = std::min(W, c0 + kw);
-    int64_t n = 0;
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = c0; c < c1; ++c) idx[n++] = r * W + c;
-    return n;
-  }
-};
-
-// In place: s[0..n) -> softmax(s), max-subtracted so large scores stay finite.
-template <typename acc_t>
-inline void softmax_inplace(acc_t* s, int64_t n) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
-  acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = std::exp(s[i] - mx);
-    sum += s[i];
-  }
-  const acc_t inv = acc_t(1) / sum;
-  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
 }
 
 // Per-call constants of the scorer, in acc_t: b1 (zeros when None), w2 * scale (scale = the
@@ -174,6 +120,7 @@ struct Scorer {
     for (int64_t k = 0; k < Ch; ++k) w2s[k] = w2[k] * scale;
     if (b2_.has_value()) b2 = b2_->to(st).item<acc_t>();
   }
+  ScorerArgs args() const { return {b1.data(), w2s.data(), double(b2), double(scale)}; }
 };
 
 void check_inputs(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
@@ -234,57 +181,89 @@ at::ScalarType gemm_dtype(at::ScalarType dt, bool lowp_gemm) {
   return lowp_gemm ? dt : at::kFloat;
 }
 
-template <bool kMasked, typename T, typename acc_t>
-void fwd_windows(const acc_t* z, const T* x, const bool* mask, const Scorer<acc_t>& sc,
-                 const Windows& win, int64_t B, int64_t N, int64_t C, int64_t Ch, T* out) {
-  const int64_t wmax = win.kh * win.kw;
-  at::parallel_for(0, B * win.G, grain_for(wmax * (Ch + C)), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(wmax);
-    std::vector<acc_t> s(wmax), acc(C);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / win.G, g = bg % win.G;
-      const int64_t n = win.patches(g, idx.data());
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = b * N + idx[i];
-        s[i] = row_score<kMasked>(z + r * Ch, sc.b1.data(), sc.w2s.data(),
-                                  kMasked ? mask + r * Ch : nullptr, Ch) + sc.b2;
-      }
-      softmax_inplace(s.data(), n);
-      acc_t* ac = acc.data();
-      std::fill(ac, ac + C, acc_t(0));
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xr = x + (b * N + idx[i]) * C;
-        const acc_t a = s[i];
-        for (int64_t c = 0; c < C; ++c) ac[c] += a * static_cast<acc_t>(xr[c]);
-      }
-      T* o = out + bg * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = store_as<T>(ac[c]);
+// z = x W1^T for 16-bit x with a float32 z, on oneDNN's brgemm micro-kernel (16-bit operands,
+// fp32 accumulation and output: AMX / AVX-512 BF16 / FP16 where the CPU has them). ATen's CPU
+// GEMMs with 16-bit operands round the output to 16 bits, and the contract wants z in fp32, so
+// without this the forward converts x to fp32 for MKL's sgemm (~3.5x slower at B = 1 on a
+// Sapphire Rapids core). Products of 16-bit numbers are exact in fp32, so z is the same
+// function as the fp32 path's (up to the order of the fp32 sums). Returns an undefined tensor
+// when the micro-kernel is not available here (torch without it, a CPU without a fast 16-bit
+// path, odd C): the caller then takes the fp32 path.
+template <typename T>
+Tensor gemm_lowp_f32(const Tensor& x2, const Tensor& w1) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    const at::ScalarType st = c10::CppTypeToScalarType<T>::value;
+    const int64_t M = x2.size(0), K = x2.size(1), N = w1.size(0);
+    // the packed (VNNI) layout pairs rows of K; a tile of B is K x kBN
+    if (K % 2 != 0 || !at::native::cpublas::could_pack(st)) return Tensor();
+    constexpr int64_t kBN = 64, kBM = 32, kRowsPerTask = 256;
+    const int64_t nb = (N + kBN - 1) / kBN;
+    // B = W1^T (K x N), zero-padded to nb * kBN columns and packed per column block of kBN
+    // (block j: K x kBN, row stride kBN); a tail block is multiplied with its real width.
+    Tensor bt = at::zeros({K, nb * kBN}, w1.options());
+    bt.narrow(1, 0, N).copy_(w1.t());
+    Tensor packed = at::empty({nb * K * kBN}, w1.options());
+    const T* bp = bt.const_data_ptr<T>();
+    T* pp = packed.mutable_data_ptr<T>();
+    try {
+      for (int64_t j = 0; j < nb; ++j)
+        at::native::cpublas::pack(K, kBN, nb * kBN, kBN, st, st, bp + j * kBN, pp + j * K * kBN);
+    } catch (const c10::Error&) {
+      return Tensor();  // a oneDNN that cannot pack this shape: the fp32 path
     }
-  });
+    Tensor z = at::empty({M, N}, x2.options().dtype(at::kFloat));
+    const T* xp = x2.const_data_ptr<T>();
+    float* zp = z.mutable_data_ptr<float>();
+    // Tasks of kRowsPerTask rows: their A rows stay in L2 while every packed block of B (one
+    // block in L1 / L2 at a time) passes over them.
+    const int64_t tasks = (M + kRowsPerTask - 1) / kRowsPerTask;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m0 = t * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t bn = std::min(kBN, N - j * kBN);
+          for (int64_t m = m0; m < m1; m += kBM) {
+            at::native::cpublas::brgemm(std::min(kBM, m1 - m), bn, K, K, kBN, N, false,
+                                        xp + m * K, pp + j * K * kBN, zp + m * N + j * kBN);
+          }
+        }
+      }
+      at::native::cpublas::brgemm_release();
+    });
+    return z;
+  }
+#endif
+  (void)x2;
+  (void)w1;
+  return Tensor();
 }
 
 // T: x's dtype. The hidden activations z = x W1^T are float32 (float64 for float64) whatever T
 // is (the numeric contract: a 16-bit z overflows at 65504 in float16 and rounds the scores
-// twice), so 16-bit x is converted once for an fp32 GEMM (ATen has no CPU GEMM with 16-bit
-// operands and a float32 output); the weighted sum reads x in its own dtype.
+// twice): for 16-bit x the GEMM runs on the brgemm micro-kernel where lowp_gemm says the CPU
+// has a fast 16-bit path (gemm_lowp_f32), else x is converted once for an fp32 GEMM; the
+// weighted sum reads x in its own dtype.
 template <typename T>
 Tensor fwd_impl(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
                 const Tensor& w2, const std::optional<Tensor>& b2, const Windows& win,
-                const std::optional<Tensor>& mask, double scale) {
+                const std::optional<Tensor>& mask, double scale, bool lowp_gemm) {
   using acc_t = at::opmath_type<T>;
   const at::ScalarType acc_st = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Ch = w1.size(0);
   // b1 stays out of the GEMM: the epilogue adds it, which spares a broadcast copy into z.
-  Tensor z = at::mm(x.to(acc_st).view({B * N, C}), w1.to(acc_st).t());
+  Tensor z;
+  if (lowp_gemm) z = gemm_lowp_f32<T>(x.view({B * N, C}), w1.contiguous());
+  if (!z.defined()) z = at::mm(x.to(acc_st).view({B * N, C}), w1.to(acc_st).t());
   Tensor out = at::empty({B, win.G, C}, x.options());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
-  const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
-  auto run = [&](auto masked) {
-    fwd_windows<decltype(masked)::value, T, acc_t>(z.const_data_ptr<acc_t>(),
-                                                   x.const_data_ptr<T>(), mp, sc, win, B, N, C,
-                                                   Ch, out.mutable_data_ptr<T>());
-  };
-  if (mp != nullptr) run(std::true_type{}); else run(std::false_type{});
+  const FwdArgs a{sc.args(), win, B, N, C, Ch, dtype_of<T>(), z.const_data_ptr<acc_t>(),
+                  x.const_data_ptr<T>(), mask ? mask->const_data_ptr<bool>() : nullptr,
+                  out.mutable_data_ptr<T>()};
+  const auto fwd = kernels().get().fwd;
+  const int64_t wmax = win.kh * win.kw;
+  at::parallel_for(0, B * win.G, grain_for(wmax * (Ch + C)),
+                   [&](int64_t begin, int64_t end) { fwd(a, begin, end); });
   return out;
 }
 
@@ -292,7 +271,6 @@ Tensor sap_fwd_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor
                    const Tensor& w2, const std::optional<Tensor>& b2, int64_t kh, int64_t kw,
                    int64_t H, int64_t W, const std::optional<Tensor>& dropout_mask,
                    double dropout_scale, bool lowp_gemm) {
-  (void)lowp_gemm;  // the forward GEMM is always float32 / float64 (see fwd_impl)
   check_inputs(x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask);
   const Windows win(H, W, kh, kw);
   Tensor xc = x.contiguous();
@@ -300,93 +278,9 @@ Tensor sap_fwd_cpu(const Tensor& x, const Tensor& w1, const std::optional<Tensor
   if (dropout_mask.has_value()) mask = dropout_mask->contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sap_fwd_cpu", [&] {
-    out = fwd_impl<scalar_t>(xc, w1, b1, w2, b2, win, mask, dropout_scale);
+    out = fwd_impl<scalar_t>(xc, w1, b1, w2, b2, win, mask, dropout_scale, lowp_gemm);
   });
   return out;
-}
-
-// Backward pass 2 over rows [r0, r1): dz = ds * w2 * mask * scale * [z + b1 > 0], written over z
-// itself when D is acc_t (each element is read before it is written) or into dz_out; with
-// kPart also accumulates dw2 += ds * a (a = relu(z + b1) * mask * scale) and db1 += dz (from dz
-// before any rounding to D).
-template <bool kMasked, bool kPart, typename acc_t, typename D>
-inline void bwd_rows(acc_t* z, D* dz_out, const acc_t* ds, const bool* mask,
-                     const Scorer<acc_t>& sc, int64_t r0, int64_t r1, int64_t Ch,
-                     acc_t* __restrict dw2, acc_t* __restrict db1) {
-  constexpr bool kInPlace = std::is_same_v<acc_t, D>;
-  const acc_t* b1 = sc.b1.data();
-  const acc_t* w2s = sc.w2s.data();
-  for (int64_t r = r0; r < r1; ++r) {
-    acc_t* zr = z + r * Ch;
-    D* dzr = dz_out + r * Ch;
-    // bytes, not bools: GCC does not vectorise loads of bool
-    const uint8_t* m = kMasked ? reinterpret_cast<const uint8_t*>(mask) + r * Ch : nullptr;
-    const acc_t d = ds[r];
-    const acc_t d_scale = d * sc.scale;
-    for (int64_t k = 0; k < Ch; ++k) {
-      const acc_t v = zr[k] + b1[k];
-      const acc_t mk = kMasked ? static_cast<acc_t>(m[k]) : acc_t(1);
-      const acc_t g = keep_if_positive(v, d * w2s[k] * mk);
-      if constexpr (kPart) {
-        dw2[k] += d_scale * keep_if_positive(v, v * mk);
-        db1[k] += g;
-      }
-      if constexpr (kInPlace) {
-        zr[k] = g;
-      } else {
-        dzr[k] = store_as<D>(g);
-      }
-    }
-  }
-}
-
-// The whole backward between the GEMMs, as one parallel loop over strips (kh grid rows of one
-// image: rows [r0, r1) of x and z, contiguous). Per window of the strip: scores from z, softmax
-// alpha, dalpha_i = g . x_i, ds_i = alpha_i (dalpha_i - sum_j alpha_j dalpha_j) and (dx set)
-// dx_i = alpha_i g, the direct term the dx GEMM later accumulates onto. Then bwd_rows over the
-// strip's rows while their z is still in cache, into the strip's own partials (part set).
-// One parallel region instead of two: on a shared, oversubscribed CPU each region start costs
-// a scheduling wait.
-template <bool kMasked, bool kPart, typename acc_t, typename D>
-void bwd_strips(acc_t* z, D* dz, const acc_t* x, const acc_t* gout, const bool* mask,
-                const Scorer<acc_t>& sc, const Windows& win, int64_t B, int64_t N, int64_t C,
-                int64_t Ch, acc_t* ds, D* dx, acc_t* part) {
-  const int64_t wmax = win.kh * win.kw;
-  const int64_t strip_work = win.kh * win.W * 2 * (Ch + C);
-  at::parallel_for(0, B * win.Gh, grain_for(strip_work), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(wmax);
-    std::vector<acc_t> alpha(wmax), dalpha(wmax);
-    for (int64_t st = begin; st < end; ++st) {
-      const int64_t b = st / win.Gh, gi = st % win.Gh;
-      for (int64_t g = gi * win.Gw; g < (gi + 1) * win.Gw; ++g) {
-        const int64_t n = win.patches(g, idx.data());
-        const acc_t* gw = gout + (b * win.G + g) * C;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t r = b * N + idx[i];
-          alpha[i] = row_score<kMasked>(z + r * Ch, sc.b1.data(), sc.w2s.data(),
-                                        kMasked ? mask + r * Ch : nullptr, Ch) + sc.b2;
-          dalpha[i] = dot_row(x + r * C, gw, C);
-        }
-        softmax_inplace(alpha.data(), n);
-        acc_t inner = 0;
-        for (int64_t i = 0; i < n; ++i) inner += alpha[i] * dalpha[i];
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t r = b * N + idx[i];
-          ds[r] = alpha[i] * (dalpha[i] - inner);
-          if (dx != nullptr) {
-            D* d = dx + r * C;
-            const acc_t a = alpha[i];
-            for (int64_t c = 0; c < C; ++c) d[c] = store_as<D>(a * gw[c]);
-          }
-        }
-      }
-      const int64_t r0 = b * N + gi * win.kh * win.W;
-      const int64_t r1 = b * N + std::min(win.H, (gi + 1) * win.kh) * win.W;
-      acc_t* p = kPart ? part + st * 2 * Ch : nullptr;
-      bwd_rows<kMasked, kPart, acc_t, D>(z, dz, ds, mask, sc, r0, r1, Ch, p,
-                                         kPart ? p + Ch : nullptr);
-    }
-  });
 }
 
 // D: dtype of the dW1 / dx GEMMs (x's dtype, or float32 for 16-bit x without a fast 16-bit
@@ -408,7 +302,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const auto acc_opts = x.options().dtype(acc_st);
   const Tensor xa = x.to(acc_st).contiguous().view({M, C});
   const Tensor w1a = w1.to(acc_st).contiguous();
-  Tensor z = at::mm(xa, w1a.t());  // recomputed: the forward saves no (B, N, Ch) activation
+  // recomputed: the forward saves no (B, N, Ch) activation (16-bit D: on the brgemm
+  // micro-kernel from the 16-bit operands, as the forward)
+  Tensor z;
+  if constexpr (!kInPlace) z = gemm_lowp_f32<D>(x.contiguous().view({M, C}), w1.contiguous());
+  if (!z.defined()) z = at::mm(xa, w1a.t());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
   const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
   const Tensor g = gout.to(acc_st).contiguous();
@@ -418,20 +316,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const int64_t nstrips = B * win.Gh;
   // per-strip partials of (dw2, db1): fixed by the problem, not by the thread count
   Tensor part = need_w ? at::zeros({nstrips, 2 * Ch}, acc_opts) : Tensor();
-  auto run = [&](auto masked, auto with_part) {
-    bwd_strips<decltype(masked)::value, decltype(with_part)::value, acc_t, D>(
-        z.mutable_data_ptr<acc_t>(), dz.mutable_data_ptr<D>(), xa.const_data_ptr<acc_t>(),
-        g.const_data_ptr<acc_t>(), mp, sc, win, B, N, C, Ch, ds.mutable_data_ptr<acc_t>(),
-        need_x ? dx.mutable_data_ptr<D>() : nullptr,
-        need_w ? part.mutable_data_ptr<acc_t>() : nullptr);
-  };
-  if (mp != nullptr) {
-    if (need_w) run(std::true_type{}, std::true_type{});
-    else run(std::true_type{}, std::false_type{});
-  } else {
-    if (need_w) run(std::false_type{}, std::true_type{});
-    else run(std::false_type{}, std::false_type{});
-  }
+  const BwdArgs a{sc.args(), win, B, N, C, Ch, dtype_of<D>(), z.mutable_data_ptr<acc_t>(),
+                  dz.mutable_data_ptr<D>(), xa.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(),
+                  mp, ds.mutable_data_ptr<acc_t>(), need_x ? dx.mutable_data_ptr<D>() : nullptr,
+                  need_w ? part.mutable_data_ptr<acc_t>() : nullptr};
+  const auto bwd = kernels().get().bwd;
+  const int64_t strip_work = win.kh * win.W * 2 * (Ch + C);
+  // One parallel region for the whole pass: on a shared, oversubscribed CPU each region start
+  // costs a scheduling wait.
+  at::parallel_for(0, nstrips, grain_for(strip_work),
+                   [&](int64_t begin, int64_t end) { bwd(a, begin, end); });
   const Tensor xd = kInPlace ? xa : x.contiguous().view({M, C});
   const Tensor w1d = kInPlace ? w1a : w1.contiguous();
 
@@ -498,9 +392,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sap_bwd_cpu(
           need_w ? db2.to(w2.scalar_type()) : empty()};
 }
 
+std::string sap_isa() { return kernels().get().isa; }
+std::string sap_set_isa(const std::string& isa) { return kernels().set(isa); }
+std::vector<std::string> sap_supported_isas() { return kernels().supported(); }
+
 }  // namespace
 }  // namespace sap
 }  // namespace flashsloth
+
+// The instruction-set queries are CPU-only and defined here (the op schemas in op.py).
+TORCH_LIBRARY_FRAGMENT(flashsloth, m) {
+  m.def("spatial_attention_pool_isa() -> str", &flashsloth::sap::sap_isa);
+  m.def("spatial_attention_pool_set_isa(str isa) -> str", &flashsloth::sap::sap_set_isa);
+  m.def("spatial_attention_pool_supported_isas() -> str[]", &flashsloth::sap::sap_supported_isas);
+}
 
 // The schemas of flashsloth::spatial_attention_pool_fwd / _bwd are defined once for every device
 // by flashsloth_kernels/sap/op.py (fused.define_kernels); this file registers their CPU kernels

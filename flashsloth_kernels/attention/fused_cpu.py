@@ -20,11 +20,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _env, _ext
+from .. import _ext
 
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.attention._C")
+_isa = _ext.IsaSwitch("flashsloth_kernels.attention._C", "query_patch_attention")
 
 
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
@@ -33,7 +34,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     (float32 / float64 / float16 / bfloat16); key_padding_mask: (B, Lk) bool (True = attend) or
     None. Returns out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) float32 (float64 for
     float64 inputs), +inf where every key of the row is masked (out is 0 there)."""
-    _apply_isa()
+    _isa.apply()
     return _ops.query_patch_attention_fwd(q, k, v, key_padding_mask, float(scale))
 
 
@@ -42,7 +43,7 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
              lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward from the saved (out, lse). grad_out: (B, H, Lq, Dv) in q's dtype.
     Returns (dq, dk, dv) in the inputs' dtype, accumulated in fp32 (float64 for float64)."""
-    _apply_isa()
+    _isa.apply()
     return _ops.query_patch_attention_bwd(grad_out, q, k, v, key_padding_mask, float(scale),
                                           out, lse)
 
@@ -50,25 +51,9 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
 def isa() -> str:
     """The instruction set the kernels run with: "avx512", "avx2" or "baseline" (the widest this
     CPU supports, or the one FLASHSLOTH_CPU_ISA forces)."""
-    _apply_isa()
-    return _ops.query_patch_attention_isa()
+    return _isa.current()
 
 
 def supported_isas() -> Tuple[str, ...]:
     """The variants compiled in that this CPU can run, widest first."""
-    return tuple(_ops.query_patch_attention_supported_isas())
-
-
-_applied_isa = [""]
-
-
-def _apply_isa() -> None:
-    """Select the variant FLASHSLOTH_CPU_ISA asks for (read at call time, applied on change)."""
-    want = _env.cpu_isa()
-    if want == _applied_isa[0]:
-        return
-    if want != "auto" and want not in supported_isas():
-        raise ValueError(f"FLASHSLOTH_CPU_ISA={want!r}: this CPU (or build) cannot run that "
-                         f"variant; it can run: {', '.join(supported_isas())} (or auto)")
-    _ops.query_patch_attention_set_isa(want)
-    _applied_isa[0] = want
+    return _isa.supported()

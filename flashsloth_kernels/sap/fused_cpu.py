@@ -8,16 +8,20 @@ ReLU, dropout mask, dot with w2, window softmax, weighted sum) is one fused para
 the windows. The backward recomputes that GEMM instead of saving the (B, N, Ch) activations,
 fuses the softmax and activation backward into one pass, and hands dW1 and dx to two GEMMs.
 (Measured on a 2-core CPU: running the GEMM per strip of windows, so that z stays in cache, was
-7-25% slower than one big GEMM plus the pass, so the op does the latter.)
+7-25% slower than one big GEMM plus the pass, so the op does the latter.) The two passes are
+compiled for AVX-512, AVX2 and the baseline instruction set, like the attention kernels
+(:func:`isa`, FLASHSLOTH_CPU_ISA); built for the baseline alone, the backward's pass took
+10-12 ms at B = 4 on one core against ~5 ms as AVX-512.
 
 Numerics (docs/contract.md): elementwise work and the hidden activations z in float32 (float64
-for float64 inputs), one rounding to x's dtype at the end. The forward GEMM always runs in
-float32 / float64 (16-bit x is converted once: ATen has no CPU GEMM with 16-bit operands and a
-float32 output, and a 16-bit z overflows in float16 at 65504). For bfloat16 (float16) inputs on a
-CPU where oneDNN has a fast 16-bit GEMM (and FLASHSLOTH_CPU_ISA does not force a variant below
-AVX-512), the backward's dW1 / dx GEMMs run in that dtype (fp32 accumulation) with dz rounded to
-it as their operand; elsewhere every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM
-is 5-70x slower.
+for float64 inputs), one rounding to x's dtype at the end. The scorer GEMM always has a
+float32 / float64 output (a 16-bit z overflows in float16 at 65504). For bfloat16 (float16)
+inputs on a CPU where oneDNN has a fast 16-bit GEMM (and FLASHSLOTH_CPU_ISA does not force a
+variant below AVX-512), z = x W1^T (forward and the backward's recompute) runs on oneDNN's
+brgemm micro-kernel with 16-bit operands and an fp32 output (ATen's cpublas::brgemm; ATen's
+16-bit GEMMs round their output to 16 bits), and the backward's dW1 / dx GEMMs run in that dtype
+(fp32 accumulation) with dz rounded to it as their operand; elsewhere x is converted once and
+every GEMM runs in float32, since PyTorch's fallback 16-bit GEMM is 5-70x slower.
 
 Determinism: run to run, every output is bitwise identical. Every sum of ours runs in an order
 fixed by the problem, never by the thread count; the GEMMs are MKL's / oneDNN's, and a library
@@ -40,6 +44,7 @@ from .. import _compat, _env, _ext
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
+_isa = _ext.IsaSwitch("flashsloth_kernels.sap._C", "spatial_attention_pool")
 
 
 def _lowp_gemm(dtype: torch.dtype) -> bool:
@@ -53,6 +58,7 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
             dropout_scale: float) -> Tensor:
     """Fused forward. x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,),
     b2: (1,) or None, dropout_mask: (B, N, Ch) bool or None -> (B, G, C) in x's dtype."""
+    _isa.apply()
     return _ops.spatial_attention_pool_fwd(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), _lowp_gemm(x.dtype))
@@ -67,8 +73,20 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     Returns (dx (B, N, C), dw1 (Ch, C), db1 (Ch,), dw2 (Ch,), db2 (1,)), each in its input's
     dtype; dx is an empty tensor unless need_x, the other four unless need_w.
     """
+    _isa.apply()
     return _ops.spatial_attention_pool_bwd(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2,
                                            kh, kw, H, W,
                             None if dropout_mask is None else dropout_mask.contiguous(),
                             float(dropout_scale), bool(need_x), bool(need_w),
                             _lowp_gemm(x.dtype))
+
+
+def isa() -> str:
+    """The instruction set the elementwise passes run with: "avx512", "avx2" or "baseline" (the
+    widest this CPU supports, or the one FLASHSLOTH_CPU_ISA forces). The GEMMs are ATen's."""
+    return _isa.current()
+
+
+def supported_isas() -> Tuple[str, ...]:
+    """The variants compiled in that this CPU can run, widest first."""
+    return _isa.supported()
