@@ -61,7 +61,8 @@ class GroundingSpec:
 
     grid: cells per side; cell: pixels per cell (the board is grid * cell pixels square; keep
     cell = the vision patch size so one cell is one patch); turns: questions per image;
-    kinds: question kinds ("colour", "shape"); min_fill: each training board fills a fraction
+    test_turns: questions per held-out image (None: ``turns``; the grounding experiment trains
+    on several questions per board and scores one per held-out board); kinds: question kinds ("colour", "shape"); min_fill: each training board fills a fraction
     drawn uniformly from [min_fill, 1] of its cells (the asked cells always hold a glyph, the
     rest stay black). Sparse boards are an easier start (the asked glyph often has its pooling
     window nearly to itself); held-out boards are always full. 1.0: every board is full.
@@ -75,13 +76,16 @@ class GroundingSpec:
     kinds: Tuple[str, ...] = KINDS
     seed: int = 0
     min_fill: float = 1.0
-
+    test_turns: Optional[int] = None
 
     def validate(self) -> None:
         for name in ("grid", "cell", "turns"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        t = self.test_turns
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"test_turns: expected None or an int >= 1, got {t!r}")
         if self.cell < 6:
             raise ValueError(f"cell: glyphs need at least 6 pixels per cell, got {self.cell}")
         if self.grid > 26:
@@ -178,8 +182,9 @@ def make_record(rng: np.random.Generator, spec: GroundingSpec, image: str,
     colours = list(COLOURS)
     shape_idx = rng.integers(0, len(SHAPES), size=(g, g))
     colour_idx = rng.integers(0, len(colours), size=(g, g))
-    asked = [tuple(int(v) for v in rng.integers(0, g, size=2)) for _ in range(spec.turns)]
-    kinds = [spec.kinds[int(rng.integers(0, len(spec.kinds)))] for _ in range(spec.turns)]
+    turns = spec.turns if split == "train" or spec.test_turns is None else spec.test_turns
+    asked = [tuple(int(v) for v in rng.integers(0, g, size=2)) for _ in range(turns)]
+    kinds = [spec.kinds[int(rng.integers(0, len(spec.kinds)))] for _ in range(turns)]
     filled = np.ones((g, g), dtype=bool)
     if split == "train" and spec.min_fill < 1.0:
         fill = rng.uniform(spec.min_fill, 1.0)
@@ -238,6 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cell", type=int, default=GroundingSpec.cell,
                    help="pixels per cell (the vision patch size: 14)")
     p.add_argument("--turns", type=int, default=GroundingSpec.turns, help="questions per image")
+    p.add_argument("--test-turns", type=int, default=None,
+                   help="questions per held-out image (default: --turns)")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="question kinds, comma-separated (colour, shape)")
     p.add_argument("--min-fill", type=float, default=GroundingSpec.min_fill,
@@ -245,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=GroundingSpec.seed)
     args = p.parse_args(argv)
     spec = GroundingSpec(grid=args.grid, cell=args.cell, train=args.train, test=args.test,
-                         turns=args.turns, kinds=tuple(k for k in args.kinds.split(",") if k),
+                         turns=args.turns, test_turns=args.test_turns,
+                         kinds=tuple(k for k in args.kinds.split(",") if k),
                          seed=args.seed, min_fill=args.min_fill)
     try:
         paths = generate(args.out, spec)

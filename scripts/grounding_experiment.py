@@ -2,6 +2,7 @@
 seeds and question families.
 
     python scripts/grounding_experiment.py                         # the committed result
+    python scripts/grounding_experiment.py --modes all --resume     # + the peers' modes
     python scripts/grounding_experiment.py --seeds 0 --families colour --modes flashsloth,sap
     python scripts/grounding_experiment.py --plot-only              # redraw from the results
 
@@ -17,6 +18,16 @@ seeds and question families, and counts the held-out questions each run answers 
   sap          SAP only                                                 4 visual tokens
   avgpool      3 x 3 average pooling only                               4 visual tokens
 
+and, with ``--modes peers`` (or ``all``), the peers' mechanisms (flashsloth/compression/) at
+flashsloth's budget of 13 visual tokens:
+
+  visionzip    13 dominant + contextual tokens                         13 visual tokens
+  fastv        all 36 patches enter the LLM, 13 kept after layer 2     36 -> 13
+  random       13 patches drawn with a fixed seed                       13 visual tokens
+  downsample   the patch grid resized to 3 x 4 (13 is prime)            12 visual tokens
+
+``--modes`` takes mode names and the groups core (the default: the first four), peers, all.
+
 Question families (one data set and one training run each; guessing answers 25% in both):
 
   colour       "what colour is the shape at c4 ?"  -> red / green / blue / yellow
@@ -26,11 +37,16 @@ A 3 x 3 pooling window holds 9 glyphs, so a pooled token keeps which colours (sh
 window holds, not where; answering needs the named cell's un-pooled patch.
 
 A seed sets the data set (boards, questions), the initialisation and the data order. Within a
-seed every mode trains on exactly the same data in the same order. Runs go --jobs at a time
+seed every mode trains on exactly the same data in the same order. Each training board
+carries --turns questions (each about a cell drawn at random), each held-out board one. Runs
+go --jobs at a time
 (one CPU thread each); every finished run is written to --out/grounding_results.json at once
 (a temporary file renamed into place), so an interrupted experiment keeps what it finished and
-``--resume`` continues it. At the end: the table (mean, standard deviation and every seed's
-held-out accuracy per mode and family) and two figures (accuracy with error bars; curves).
+``--resume`` continues it (with more --modes too: the finished runs are kept when the
+training settings match). At the end: each mode's prefill time on the tiny preset (one
+held-out question, batch 1, one thread, interleaved rounds), the table (mean, standard
+deviation and every seed's held-out accuracy per mode and family) and three figures (accuracy
+with error bars; stage-2 curves; accuracy against visual tokens and prefill time).
 
 Stage 2 also records, every --eval-every steps, the held-out accuracy on the first --probe
 boards and, for EmbQ, where its attention goes: the share of the image attention (i2q) of the
@@ -41,10 +57,11 @@ tokens. docs/training.md discusses them.
 The recipe differs from the 3.2B one where a tiny model trained from random weights in minutes
 needs it (docs/training.md): width-scaled initialisation and stage-2 lr --lr2 = 2e-3 (not
 2e-5); the rest is the original's (AdamW without weight decay, cosine schedule with --warmup1 /
---warmup2 warm-up, clipping at 1.0, each stage's freezing). --min-fill < 1 trains on sparser
-boards (held-out boards stay full). The defaults are the earlier single-seed recipe (200 + 2000
-steps, full boards); docs/training.md gives the exact command of each committed result and
-what it measured: with neither recipe does flashsloth beat the other modes on every seed.
+--warmup2 warm-up, clipping at 1.0, each stage's freezing), and four questions per training
+board (--turns 4) with 100 + 1200 steps. --min-fill < 1 trains on sparser boards (held-out
+boards stay full). docs/training.md gives the exact command of each committed result, what it
+measured, and the earlier recipes (one question per board, 200 + 2000 steps; sparse boards)
+with which flashsloth's advantage depended on the seed.
 """
 
 from __future__ import annotations
@@ -60,7 +77,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -77,21 +94,42 @@ from flashsloth.train import (build_optimizer, configure_stage, cosine_schedule,
 
 @dataclass(frozen=True)
 class Mode:
-    """One compared model: the config's compression, whether EmbQ runs, and how to show it.
-    A new compression mode (e.g. a peer method) is one more entry in MODES."""
+    """One compared model: the config's compression (and any other config fields, e.g. a
+    peer mode's token budget), whether EmbQ runs, and how to show it. A new compression mode
+    is one more entry in MODES."""
 
     compression: str
     embq: bool
     label: str
     colour: str
+    config: Tuple[Tuple[str, object], ...] = ()
+
+    def build_config(self) -> FlashSlothConfig:
+        return FlashSlothConfig.preset("tiny", compression=self.compression, **dict(self.config))
 
 
+# flashsloth's budget on the tiny preset: 4 SAP tokens + 9 query tokens = 13 visual tokens.
+# The peers' mechanisms (flashsloth/compression/) get the same 13 (downsample 12: its grid
+# must be h x w, and 13 is prime), fastv's after its pruning layer (all 36 enter the LLM).
+BUDGET = 13
 MODES: Dict[str, Mode] = {
     "flashsloth": Mode("flashsloth", True, "flashsloth (SAP + 9 queries + EmbQ)", "#d94801"),
     "no-embq": Mode("flashsloth", False, "SAP + 9 plain learned tokens (no EmbQ)", "#6a51a3"),
     "sap": Mode("sap", True, "sap", "#2171b5"),
     "avgpool": Mode("avgpool", True, "avgpool (3 x 3 average)", "#41ab5d"),
+    "visionzip": Mode("visionzip", True, f"visionzip ({BUDGET} tokens)", "#e7298a",
+                      (("token_budget", BUDGET),)),
+    "fastv": Mode("fastv", True, f"fastv (36 -> {BUDGET} after layer 2)", "#66a61e",
+                  (("token_budget", BUDGET),)),
+    "random": Mode("random", True, f"random ({BUDGET} patches)", "#7f7f7f",
+                   (("token_budget", BUDGET),)),
+    "downsample": Mode("downsample", True, f"downsample ({BUDGET - 1} tokens, 3 x 4)", "#a6761d",
+                       (("token_budget", BUDGET - 1),)),
 }
+# --modes groups: the default experiment (issue "EmbQ's advantage") and the peers' modes
+GROUPS = {"core": ["flashsloth", "no-embq", "sap", "avgpool"],
+          "peers": ["visionzip", "fastv", "random", "downsample"]}
+GROUPS["all"] = GROUPS["core"] + GROUPS["peers"]
 
 # family -> (question kinds of flashsloth.synthetic, number of possible answers)
 FAMILIES = {"colour": (("colour",), len(COLOURS)), "shape": (("shape",), len(SHAPES))}
@@ -227,7 +265,7 @@ def run_one(task: dict) -> dict:
     name, seed, family, s = task["mode"], task["seed"], task["family"], task["settings"]
     mode = MODES[name]
     torch.manual_seed(seed)
-    cfg = FlashSlothConfig.preset("tiny", compression=mode.compression)
+    cfg = mode.build_config()
     model = FlashSloth(cfg)
     width_scaled_init(model)
     model.train()
@@ -250,7 +288,8 @@ def run_one(task: dict) -> dict:
                        "query_tokens": list(model.learnable_tokens.parameters())}) \
         if model.lqformer is not None else None
     result = {"mode": name, "seed": seed, "family": family, "compression": mode.compression,
-              "embq": mode.embq, "visual_tokens": cfg.num_visual_tokens(), "stages": {}}
+              "embq": mode.embq, "visual_tokens": cfg.num_visual_tokens(),
+              "visual_tokens_kept": cfg.num_visual_tokens_kept(), "stages": {}}
     for stage in (1, 2):
         steps, lr = s[f"steps{stage}"], s[f"lr{stage}"]
         if steps == 0:
@@ -309,6 +348,48 @@ def run_one(task: dict) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- latency
+def prefill_latency(modes: List[str], data: str, seconds: float = 3.0) -> Dict[str, dict]:
+    """Each mode's prefill time on the tiny preset: one forward over one held-out question
+    (batch 1, one thread, logits of the last position only), timed in interleaved rounds
+    (benchmarks.timing: medians and quartiles). Random weights: the cost does not depend on
+    them. Returns mode -> {median_ms, q25_ms, q75_ms, samples, visual tokens}."""
+    from benchmarks.timing import Budget, time_providers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = Tokenizer(data)
+        fns, facts = {}, {}
+        for m in modes:
+            mode = MODES[m]
+            cfg = mode.build_config()
+            test = ConversationDataset(os.path.join(data, "test.jsonl"), tok, cfg, system="")
+            if not mode.embq:
+                test = NoQuestion(test)
+            b = collate([test[0]])
+            torch.manual_seed(0)
+            model = FlashSloth(cfg).eval()
+            width_scaled_init(model)
+            args = {k: b[k] for k in ("images", "input_ids", "attention_mask", "question_mask")}
+
+            def fn(model=model, args=args):
+                with torch.inference_mode():
+                    return model(**args, logits_to_keep=1)
+
+            fns[m] = fn
+            facts[m] = {"visual_tokens": cfg.num_visual_tokens(),
+                        "visual_tokens_kept": cfg.num_visual_tokens_kept()}
+        timings, errors = time_providers(fns, torch.device("cpu"),
+                                         Budget(min_rounds=10, max_rounds=200, seconds=seconds))
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise RuntimeError(f"prefill timing failed: {errors}")
+    return {m: {**facts[m], **{k: round(v, 4) for k, v in timings[m].as_dict().items()}}
+            for m in modes}
+
+
 # ---------------------------------------------------------------------------- summary
 def key(family: str, mode: str, seed: int) -> str:
     return f"{family}/{mode}/{seed}"
@@ -364,12 +445,19 @@ def verdict(summary: dict) -> Dict[str, str]:
     return out
 
 
-def table(summary: dict, families: List[str], modes: List[str], tokens: Dict[str, int]) -> str:
-    head = "| mode | visual tokens | " + " | ".join(
-        f"{fam}: held-out accuracy, mean +- sd (each seed)" for fam in families) + " |"
-    lines = [head, "|---|---|" + "---|" * len(families)]
+def table(summary: dict, families: List[str], modes: List[str], tokens: Dict[str, str],
+          latency: Optional[Dict[str, dict]] = None) -> str:
+    lat = latency or {}
+    head = "| mode | visual tokens | " + ("prefill ms (tiny, 1 thread) | " if lat else "") \
+        + " | ".join(f"{fam}: held-out accuracy, mean +- sd (each seed)" for fam in families) \
+        + " |"
+    lines = [head, "|---|---|" + ("---|" if lat else "") + "---|" * len(families)]
     for m in modes:
-        cells = [MODES[m].label if m in MODES else m, str(tokens.get(m, "?"))]
+        cells = [MODES[m].label if m in MODES else m, tokens.get(m, "?")]
+        if lat:
+            v = lat.get(m)
+            cells.append("-" if v is None else
+                         f"{v['median_ms']:.2f} ({v['q25_ms']:.2f}-{v['q75_ms']:.2f})")
         for fam in families:
             v = summary.get(fam, {}).get(m)
             cells.append("-" if v is None else
@@ -506,13 +594,61 @@ def write_json(path: str, obj) -> None:
 
 def report(saved: dict, out: str) -> str:
     fams, modes = saved["settings"]["families"], saved["settings"]["modes"]
-    tokens = {r["mode"]: r["visual_tokens"] for r in saved["runs"].values()}
-    text = table(saved["summary"], fams, modes, tokens)
-    for fam, v in verdict(saved["summary"]).items():
+    tokens = {r["mode"]: tokens_text(r) for r in saved["runs"].values()}
+    text = table(saved["summary"], fams, modes, tokens, saved.get("latency"))
+    for fam, v in verdict({f: {m: v for m, v in per.items() if m in modes}
+                           for f, per in saved["summary"].items()}).items():
         text += f"\n\n{fam}: {v}"
     plot(saved, os.path.join(out, "training_grounding.png"),
          os.path.join(out, "training_grounding_curves.png"))
+    if saved.get("latency"):
+        budget_plot(saved, os.path.join(out, "training_grounding_budget.png"))
     return text
+
+
+def tokens_text(run: dict) -> str:
+    """Visual tokens in the LLM: "36 -> 13" for a mode that prunes inside it (fastv)."""
+    n, kept = run["visual_tokens"], run.get("visual_tokens_kept", run["visual_tokens"])
+    return str(n) if n == kept else f"{n} -> {kept}"
+
+
+def budget_plot(saved: dict, path: str) -> None:
+    """Per family: held-out accuracy (mean +- sd over seeds) against the visual tokens the
+    LLM keeps and against the tiny preset's measured prefill time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, lat = saved["summary"], saved["latency"]
+    families, modes = saved["settings"]["families"], saved["settings"]["modes"]
+    fig, axes = plt.subplots(len(families), 2, figsize=(10, 3.6 * len(families)), dpi=110,
+                             squeeze=False)
+    for row, fam in zip(axes, families):
+        per = summary.get(fam, {})
+        for m in modes:
+            if m not in per or m not in lat:
+                continue
+            v, c = per[m], MODES[m].colour if m in MODES else None
+            for ax, x in ((row[0], lat[m]["visual_tokens_kept"]), (row[1], lat[m]["median_ms"])):
+                ax.errorbar(x, 100 * v["mean"], yerr=100 * v["std"], fmt="o", color=c,
+                            capsize=4, label=m)
+                ax.annotate(m, (x, 100 * v["mean"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=7)
+        chance = 100 / FAMILIES[fam][1]
+        for ax in row:
+            ax.axhline(chance, color="k", ls="--", lw=0.8)
+            ax.set_ylim(0, 105)
+            ax.set_ylabel(f"{fam}: held-out accuracy (%)")
+            ax.grid(alpha=0.3)
+        row[0].set_xlabel("visual tokens the LLM keeps (fastv: after its pruning layer)")
+        row[1].set_xlabel("prefill time, tiny preset, batch 1, 1 thread (ms, median)")
+        row[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("accuracy at matched budgets: mean +- sd over seeds "
+                 f"{saved['settings']['seeds']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- main
@@ -533,21 +669,25 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs", help="where the results and figures go")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "flashsloth-grounding"),
                    help="where the data sets are written")
-    p.add_argument("--modes", default=",".join(MODES), help=f"some of {list(MODES)}")
+    p.add_argument("--modes", default="core",
+                   help=f"comma-separated modes of {list(MODES)} or groups {GROUPS} "
+                        "(default: core)")
     p.add_argument("--families", default=",".join(FAMILIES), help=f"some of {list(FAMILIES)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, init, order)")
     p.add_argument("--train", type=int, default=4000, help="training boards")
     p.add_argument("--test", type=int, default=500, help="held-out boards (always full)")
+    p.add_argument("--turns", type=int, default=4,
+                   help="questions per training board (held-out boards: one each)")
     p.add_argument("--min-fill", type=float, default=1.0,
                    help="training boards fill a fraction in [min-fill, 1] of their cells")
-    p.add_argument("--steps1", type=int, default=200)
-    p.add_argument("--steps2", type=int, default=2000)
+    p.add_argument("--steps1", type=int, default=100)
+    p.add_argument("--steps2", type=int, default=1200)
     p.add_argument("--lr1", type=float, default=1e-3)
     p.add_argument("--lr2", type=float, default=2e-3)
     p.add_argument("--warmup1", type=float, default=0.03, help="warm-up share of stage 1")
     p.add_argument("--warmup2", type=float, default=0.03, help="warm-up share of stage 2")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=100,
+    p.add_argument("--eval-every", type=int, default=200,
                    help="stage-2 probe every N steps (0: none)")
     p.add_argument("--probe", type=int, default=100, help="held-out boards of each probe")
     p.add_argument("--verbose", action="store_true", help="print every stage-2 probe")
@@ -566,7 +706,8 @@ def main(argv=None) -> int:
             p.error(f"--plot-only: cannot read {results_path}: {exc}")
         print(report(saved, args.out))
         return 0
-    modes = [m for m in args.modes.split(",") if m]
+    modes = list(dict.fromkeys(x for m in args.modes.split(",") if m
+                               for x in GROUPS.get(m, [m])))
     families = [f for f in args.families.split(",") if f]
     try:
         seeds = _ints(args.seeds)
@@ -578,7 +719,7 @@ def main(argv=None) -> int:
             p.error(f"{opt}: unknown {bad or got}; expected some of {list(known)}")
     if not seeds:
         p.error("--seeds: expected at least one seed")
-    for name in ("train", "test", "batch", "jobs", "probe"):
+    for name in ("train", "test", "batch", "jobs", "probe", "turns"):
         if getattr(args, name) < 1:
             p.error(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
     for name in ("steps1", "steps2", "eval_every"):
@@ -591,7 +732,8 @@ def main(argv=None) -> int:
         if not 0.0 <= getattr(args, name) < 1.0:
             p.error(f"--{name}: expected a share in [0, 1), got {getattr(args, name)}")
 
-    settings = {k: getattr(args, k) for k in ("train", "test", "min_fill", "steps1", "steps2",
+    settings = {k: getattr(args, k) for k in ("train", "test", "turns", "min_fill", "steps1",
+                                              "steps2",
                                               "lr1", "lr2", "warmup1", "warmup2", "batch",
                                               "eval_every", "probe")}
     task_settings = {**settings, "verbose": args.verbose}
@@ -600,19 +742,22 @@ def main(argv=None) -> int:
              "torch": torch.__version__, "settings": {**settings, "families": families,
                                                       "modes": modes, "seeds": seeds,
                                                       "jobs": args.jobs},
-             "runs": {}, "summary": {}, "timing": {}}
+             "runs": {}, "summary": {}, "timing": {}, "invocations": []}
     prev_wall = 0.0
     if args.resume and os.path.exists(results_path):
         with open(results_path) as fh:
             old = json.load(fh)
         if {k: old["settings"].get(k) for k in settings} == settings:
             saved["runs"] = old["runs"]
+            saved["invocations"] = old.get("invocations", [])
             prev_wall = old.get("timing", {}).get("wall_seconds", 0.0)
             print(f"resuming: {len(saved['runs'])} finished runs kept", flush=True)
         else:
             print("--resume: the saved settings differ; starting afresh", flush=True)
     os.makedirs(args.out, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()
+    this = {"command": saved["command"], "runs": [], "load_average_at_start": load0}
+    saved["invocations"].append(this)
     # seed-major order: a partial experiment holds whole seeds
     tasks = []
     for seed in seeds:
@@ -621,14 +766,15 @@ def main(argv=None) -> int:
             todo = [m for m in modes if key(fam, m, seed) not in saved["runs"]]
             if not todo:
                 continue
-            spec = GroundingSpec(train=args.train, test=args.test, seed=seed,
-                                 kinds=FAMILIES[fam][0], min_fill=args.min_fill)
+            spec = GroundingSpec(train=args.train, test=args.test, seed=seed, turns=args.turns,
+                                 test_turns=1, kinds=FAMILIES[fam][0], min_fill=args.min_fill)
             meta = os.path.join(data, "meta.json")
             try:
                 with open(meta) as fh:
                     have = json.load(fh)
                 same = all(have.get(k) == v for k, v in (
                     ("seed", seed), ("train", args.train), ("test", args.test),
+                    ("turns", args.turns), ("test_turns", 1),
                     ("min_fill", args.min_fill), ("kinds", list(FAMILIES[fam][0]))))
             except (OSError, ValueError):
                 same = False
@@ -642,6 +788,8 @@ def main(argv=None) -> int:
     def timing():
         used = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
             + resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        this.update(wall_seconds=round(time.time() - t0, 1), cpu_seconds=round(used, 1),
+                    load_average_now=os.getloadavg())
         return {
             # over every invocation that contributed runs (--resume adds up)
             "wall_seconds": round(prev_wall + time.time() - t0, 1),
@@ -653,6 +801,7 @@ def main(argv=None) -> int:
 
     def record(run):
         saved["runs"][key(run["family"], run["mode"], run["seed"])] = run
+        this["runs"].append(key(run["family"], run["mode"], run["seed"]))
         saved["summary"] = summarise(saved["runs"], families, modes)
         saved["timing"] = timing()
         write_json(results_path, saved)
@@ -666,8 +815,12 @@ def main(argv=None) -> int:
             record(run_one(task))
     saved["summary"] = summarise(saved["runs"], families, modes)
     saved["timing"] = timing()
-    write_json(results_path, saved)
     first = os.path.join(args.work, f"{families[0]}-seed{seeds[0]}")
+    if os.path.exists(os.path.join(first, "test.jsonl")):
+        # after the training runs, so the timing has the cores to itself
+        saved["latency"] = prefill_latency(modes, first)
+        saved["latency_load_average"] = os.getloadavg()
+    write_json(results_path, saved)
     if os.path.exists(os.path.join(first, "test.jsonl")):
         board_figure(first, os.path.join(args.out, "training_grounding_board.png"))
     print()

@@ -45,7 +45,7 @@ def test_summary_and_verdict(ge):
     one = {k: v for k, v in runs.items() if k.endswith("/0")}
     assert "fewer than 2 seeds" in ge.verdict(ge.summarise(one, ["colour"],
                                                           ["flashsloth", "sap"]))["colour"]
-    text = ge.table(summary, ["colour"], ["flashsloth", "sap"], {"flashsloth": 13, "sap": 4})
+    text = ge.table(summary, ["colour"], ["flashsloth", "sap"], {"flashsloth": "13", "sap": "4"})
     assert "85.0% +- 5.0 (90.0, 80.0, 85.0)" in text
 
 
@@ -74,6 +74,51 @@ def test_tiny_run_resume_and_plot_only(ge, tmp_path, capsys):
     assert (out / "training_grounding.png").exists()
 
 
+def test_peer_modes_share_flashsloths_budget_and_groups_expand(ge):
+    """Every mode's model holds the budget its label states: 13 visual tokens (downsample
+    12, whose grid must be h x w), fastv's 36 entering the LLM and 13 kept after its layer."""
+    kept = {}
+    for name, mode in ge.MODES.items():
+        cfg = mode.build_config()
+        assert cfg.compression == mode.compression
+        kept[name] = (cfg.num_visual_tokens(), cfg.num_visual_tokens_kept())
+    assert kept == {"flashsloth": (13, 13), "no-embq": (13, 13), "sap": (4, 4),
+                    "avgpool": (4, 4), "visionzip": (13, 13), "fastv": (36, 13),
+                    "random": (13, 13), "downsample": (12, 12)}
+    assert ge.GROUPS["all"] == list(ge.MODES)
+    assert ge.tokens_text({"visual_tokens": 36, "visual_tokens_kept": 13}) == "36 -> 13"
+    assert ge.tokens_text({"visual_tokens": 13}) == "13"
+
+
+def test_peer_modes_train_resume_onto_the_core_and_time_their_prefill(ge, tmp_path, capsys):
+    """Training boards carry --turns questions, held-out boards one; a --resume run with
+    more modes keeps the finished ones and times every mode's prefill; the budget plot."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    base = ["--out", str(out), "--work", str(work), "--train", "8", "--test", "4",
+            "--steps1", "0", "--steps2", "1", "--eval-every", "0", "--batch", "4",
+            "--seeds", "0", "--families", "shape", "--turns", "3", "--jobs", "1"]
+    assert ge.main(base + ["--modes", "flashsloth"]) == 0
+    lines = (work / "shape-seed0" / "train.jsonl").read_text().splitlines()
+    assert all(len(json.loads(x)["cell"]) == 3 for x in lines)
+    lines = (work / "shape-seed0" / "test.jsonl").read_text().splitlines()
+    assert all(len(json.loads(x)["cell"]) == 1 for x in lines)
+    capsys.readouterr()
+    assert ge.main(base + ["--modes", "flashsloth,peers", "--resume"]) == 0
+    assert "4 runs to do (1 kept)" in capsys.readouterr().out
+    saved = json.loads((out / ge.RESULTS).read_text())
+    assert sorted(saved["summary"]["shape"]) == sorted(["flashsloth"] + ge.GROUPS["peers"])
+    assert saved["runs"]["shape/fastv/0"]["visual_tokens_kept"] == 13
+    assert set(saved["latency"]) == {"flashsloth", *ge.GROUPS["peers"]}
+    assert all(v["median_ms"] > 0 for v in saved["latency"].values())
+    assert [len(i["runs"]) for i in saved["invocations"]] == [1, 4]
+    assert (out / "training_grounding_budget.png").exists()
+    # other --turns: other data, so --resume starts afresh
+    capsys.readouterr()
+    assert ge.main(base[:-4] + ["--turns", "2", "--jobs", "1", "--modes", "sap",
+                                "--resume"]) == 0
+    assert "settings differ" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "nope"], "--modes: unknown ['nope']"),
     (["--families", "size"], "--families: unknown ['size']"),
@@ -81,6 +126,8 @@ def test_tiny_run_resume_and_plot_only(ge, tmp_path, capsys):
     (["--min-fill", "1.5"], "--min-fill: expected a fraction in [0, 1]"),
     (["--warmup2", "1"], "--warmup2: expected a share in [0, 1)"),
     (["--steps2", "-1"], "--steps2: expected an integer >= 0"),
+    (["--turns", "0"], "--turns: expected an integer >= 1"),
+    (["--modes", "core,nope"], "--modes: unknown ['nope']"),
 ])
 def test_user_errors_are_one_line(ge, argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

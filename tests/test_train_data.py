@@ -200,6 +200,27 @@ def test_synthetic_sparse_training_boards_keep_the_asked_cell(tmp_path):
         GroundingSpec(min_fill=1.5).validate()
 
 
+def test_synthetic_test_turns_sets_the_held_out_questions_per_board(tmp_path):
+    generate(str(tmp_path / "a"), GroundingSpec(train=4, test=3, turns=4, test_turns=1, seed=2))
+    for split, turns in (("train", 4), ("test", 1)):
+        for line in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            assert len(rec["cell"]) == turns and len(rec["conversations"]) == 2 * turns
+    # None (the default) keeps the old behaviour: the held-out boards get `turns` questions,
+    # and the files are byte for byte those of a spec without the field
+    generate(str(tmp_path / "b"), GroundingSpec(train=2, test=2, turns=2, seed=2))
+    generate(str(tmp_path / "c"), GroundingSpec(train=2, test=2, turns=2, test_turns=None,
+                                                seed=2))
+    for split in ("train", "test"):
+        assert (tmp_path / "b" / f"{split}.jsonl").read_text() == \
+            (tmp_path / "c" / f"{split}.jsonl").read_text()
+    assert all(len(json.loads(x)["cell"]) == 2
+               for x in (tmp_path / "b" / "test.jsonl").read_text().splitlines())
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="test_turns"):
+            GroundingSpec(test_turns=bad).validate()
+
+
 def test_synthetic_cli_and_bad_arguments(tmp_path, capsys):
     from flashsloth.synthetic import main
 
