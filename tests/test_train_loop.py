@@ -164,6 +164,50 @@ def test_gradient_accumulation_equals_the_big_batch():
         torch.testing.assert_close(params[0][n], params[1][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("compression", ["flashsloth", "fastv", "none"])
+def test_loss_only_gives_the_full_logits_loss_and_gradients(compression):
+    """FlashSloth(loss_only=True) (what train_step uses) runs the LM head at the answer
+    positions only: the same loss and gradients as the full (B, L, V) logits, in float64 so
+    the comparison is exact up to rounding; fastv's pruned layout included."""
+    cfg = FlashSlothConfig.preset("tiny", compression=compression)
+    batch = random_batch(cfg, 3, answer_tokens=3, turns=2, generator=torch.Generator().manual_seed(2))
+    batch["labels"][1] = -100             # a sample without any answer token
+    grads, losses = [], []
+    for loss_only in (False, True):
+        model = _model(compression).double().eval()
+        configure_stage(model, 2)
+        args = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "question_mask")}
+        out = model(images=batch["images"].double(), **args, loss_only=loss_only)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if loss_only:
+            n = int((out.labels[:, 1:] != -100).sum())
+            assert out.logits.shape == (n, cfg.text.vocab_size) and n == 2 * 2 * 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-9, atol=1e-13, msg=n)
+
+
+def test_loss_only_without_answer_tokens_is_zero_and_reaches_every_weight():
+    cfg = FlashSlothConfig.preset("tiny")
+    batch = random_batch(cfg, 2, generator=torch.Generator().manual_seed(3))
+    batch["labels"][:] = -100
+    model = _model()
+    configure_stage(model, 2)
+    loss, n, out = forward_loss(model, batch, loss_only=True)
+    assert n == 0 and float(loss) == 0.0 and out.logits.shape[0] == 0
+    loss.backward()
+    assert model.language_model.lm_head.weight.grad is not None
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="loss_only: needs labels"):
+        model(images=batch["images"], input_ids=batch["input_ids"], loss_only=True)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(images=batch["images"], input_ids=batch["input_ids"], labels=batch["labels"],
+              logits_to_keep=1, loss_only=True)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     cfg = FlashSlothConfig.preset("tiny")
     batch = random_batch(cfg, 2, generator=torch.Generator().manual_seed(1))

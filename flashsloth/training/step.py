@@ -68,17 +68,24 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def forward_loss(model: nn.Module, batch: Batch,
-                 autocast_dtype: Optional[torch.dtype] = None):
-    """(summed answer-token loss (0-dim, fp32, with graph), answer tokens, model output)."""
+                 autocast_dtype: Optional[torch.dtype] = None, *, loss_only: bool = False):
+    """(summed answer-token loss (0-dim, fp32, with graph), answer tokens, model output).
+    ``loss_only``: the model computes logits at the answer positions only (training; see
+    FlashSloth.forward); the output's logits are then (answer tokens, V)."""
     base = unwrap(model)
     device = base.device
     inputs = _model_inputs(batch, device)
+    if loss_only:
+        inputs["loss_only"] = True
     with _autocast(device, autocast_dtype), fsdp_forward_warnings(model):
         out = model(**inputs)
     n = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
     # The model's loss is the mean over this micro-batch's answer tokens; the step normalises
     # by the tokens of the whole step (all micro-batches, all processes) instead.
-    loss_sum = out.loss.float() * n if n else out.logits.sum() * 0.0
+    if loss_only:
+        loss_sum = out.loss.float() * n     # 0, attached to the graph, when n == 0
+    else:
+        loss_sum = out.loss.float() * n if n else out.logits.sum() * 0.0
     return loss_sum, n, out
 
 
@@ -127,7 +134,7 @@ def train_step(model: nn.Module, batch: Union[Batch, Sequence[Batch]],
         last = i == len(micro) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
-            loss, _, _ = forward_loss(model, mb, autocast_dtype)
+            loss, _, _ = forward_loss(model, mb, autocast_dtype, loss_only=True)
             scaled = loss * scale
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().double()
