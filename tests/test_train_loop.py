@@ -170,7 +170,8 @@ def test_loss_only_gives_the_full_logits_loss_and_gradients(compression):
     positions only: the same loss and gradients as the full (B, L, V) logits, in float64 so
     the comparison is exact up to rounding; fastv's pruned layout included."""
     cfg = FlashSlothConfig.preset("tiny", compression=compression)
-    batch = random_batch(cfg, 3, answer_tokens=3, turns=2, generator=torch.Generator().manual_seed(2))
+    batch = random_batch(cfg, 3, answer_tokens=3, turns=2,
+                         generator=torch.Generator().manual_seed(2))
     batch["labels"][1] = -100             # a sample without any answer token
     grads, losses = [], []
     for loss_only in (False, True):
