@@ -493,7 +493,7 @@ def plot(saved: dict, path: str, curves_path: Optional[str] = None) -> None:
                     ha="center", fontsize=8)
         chance = 100 / FAMILIES[fam][1]
         ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance {chance:.0f}%")
-        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_xticks(range(len(names)), names, fontsize=8, rotation=30, ha="right")
         ax.set_ylim(0, 105)
         ax.set_ylabel("held-out questions answered (%)")
         seeds = sorted({sd for m in names for sd in per[m]["seeds"]})
@@ -626,15 +626,15 @@ def budget_plot(saved: dict, path: str) -> None:
                              squeeze=False)
     for row, fam in zip(axes, families):
         per = summary.get(fam, {})
-        for m in modes:
-            if m not in per or m not in lat:
-                continue
+        shown = [m for m in modes if m in per and m in lat]
+        for i, m in enumerate(shown):
             v, c = per[m], MODES[m].colour if m in MODES else None
-            for ax, x in ((row[0], lat[m]["visual_tokens_kept"]), (row[1], lat[m]["median_ms"])):
+            # modes at the same budget are spread a little sideways so none hides another
+            dx = 0.12 * (i - (len(shown) - 1) / 2)
+            for ax, x in ((row[0], lat[m]["visual_tokens_kept"] + dx),
+                          (row[1], lat[m]["median_ms"])):
                 ax.errorbar(x, 100 * v["mean"], yerr=100 * v["std"], fmt="o", color=c,
                             capsize=4, label=m)
-                ax.annotate(m, (x, 100 * v["mean"]), textcoords="offset points",
-                            xytext=(5, 4), fontsize=7)
         chance = 100 / FAMILIES[fam][1]
         for ax in row:
             ax.axhline(chance, color="k", ls="--", lw=0.8)
@@ -643,7 +643,7 @@ def budget_plot(saved: dict, path: str) -> None:
             ax.grid(alpha=0.3)
         row[0].set_xlabel("visual tokens the LLM keeps (fastv: after its pruning layer)")
         row[1].set_xlabel("prefill time, tiny preset, batch 1, 1 thread (ms, median)")
-        row[0].legend(fontsize=7, loc="lower right")
+        row[0].legend(fontsize=7, loc="center left", ncol=2)
     fig.suptitle("accuracy at matched budgets: mean +- sd over seeds "
                  f"{saved['settings']['seeds']}", fontsize=9)
     fig.tight_layout()
