@@ -62,7 +62,8 @@ class GroundingSpec:
     grid: cells per side; cell: pixels per cell (the board is grid * cell pixels square; keep
     cell = the vision patch size so one cell is one patch); turns: questions per image;
     test_turns: questions per held-out image (None: ``turns``; the grounding experiment trains
-    on several questions per board and scores one per held-out board); kinds: question kinds ("colour", "shape"); min_fill: each training board fills a fraction
+    on several questions per board and scores one per held-out board); kinds: question kinds
+    ("colour", "shape"); min_fill: each training board fills a fraction
     drawn uniformly from [min_fill, 1] of its cells (the asked cells always hold a glyph, the
     rest stay black). Sparse boards are an easier start (the asked glyph often has its pooling
     window nearly to itself); held-out boards are always full. 1.0: every board is full.
