@@ -42,7 +42,25 @@ template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a >
 // 2^x, exactly 0 for x < -126 (so -inf, a masked or all-masked logit, gives 0 and never NaN).
 // Round-to-nearest by the 1.5 * 2^23 trick, then a degree-6 Taylor polynomial of 2^f on
 // [-0.5, 0.5] (relative error ~1.2e-7) times 2^n built in the exponent bits.
-static inline Vec<float> vexp2(Vec<float> x) {
+// Always inlined: called out of line (GCC's choice at -O3) it cost ~10% of the forward.
+__attribute__((always_inline)) static inline Vec<float> vexp2(Vec<float> x) {
+#if FS_VEC_BYTES == 64
+  // The same function in 11 instructions instead of ~18: round by vrndscaleps, 2^n by
+  // vscalefps (exact, as the multiply below), and the zero for x < -126 by the scalef's mask
+  // (NLT_UQ is true for NaN, which stays NaN).
+  const __m512 xv = _mm512_min_ps(_mm512_set1_ps(127.0f), (__m512)x);  // NaN stays NaN
+  const __m512 n512 = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec<float> f = (Vec<float>)xv - (Vec<float>)n512;
+  Vec<float> p = vset<float>(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.550410866482158e-2f;
+  p = p * f + 0.2402265069591007f;
+  p = p * f + 0.6931471805599453f;
+  p = p * f + 1.0f;
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (Vec<float>)_mm512_maskz_scalef_ps(keep, (__m512)p, n512);
+#else
   typedef VecOf<float>::itype VI;
   const Vec<float> lo = vset<float>(-126.0f), hi = vset<float>(127.0f);
   const Vec<float> magic = vset<float>(12582912.0f);
@@ -60,6 +78,7 @@ static inline Vec<float> vexp2(Vec<float> x) {
   p = p * f + 1.0f;
   const Vec<float> r = p * (Vec<float>)((n + 127) << 23);
   return x < lo ? Vec<float>{} : r;
+#endif
 }
 
 // float64 runs for gradcheck, not for speed: libm per lane.
@@ -332,10 +351,13 @@ static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, 
 
 // Query lanes (used when a query block fills more than half the lanes): scores of G keys for
 // the W queries of one block, out[g] = (sum_d K[g][d] qt[d]) * scale (+ 0 * s), K rows read
-// in place (one broadcast element per FMA), qt = the block's q transposed (Dk x W).
+// in place (one broadcast element per FMA), qt = the block's q transposed (Dk x W). Returns
+// the max of mx and the G score vectors (a plain max, one instruction: a NaN score may be
+// dropped from it, and the caller finds it in the sum of p instead). G = 8 keeps 8 FMA chains in flight
+// (two FMA ports x 4 cycles of latency); 4 left the score loop latency-bound at half rate.
 template <typename A, int G>
-static inline void score_qlanes(const A* qt, const A* kbase, const int32_t* koff, int64_t Dk,
-                                A scale, A* out) {
+static inline Vec<A> score_qlanes(const A* qt, const A* kbase, const int32_t* koff, int64_t Dk,
+                                  A scale, A* out, Vec<A> mx) {
   constexpr int W = lanes<A>();
   Vec<A> acc[G];
   const A* kr[G];
@@ -349,14 +371,30 @@ static inline void score_qlanes(const A* qt, const A* kbase, const int32_t* koff
   }
   for (int g = 0; g < G; ++g) {
     const Vec<A> sg = acc[g] * scale;
-    vstore(out + g * W, sg + A(0) * sg);
+    const Vec<A> s = sg + A(0) * sg;
+    vstore(out + g * W, s);
+    mx = vmax<A>(mx, s);  // may drop a NaN: the caller makes the row NaN from its sum
   }
+  return mx;
 }
 
 // Query groups of at most `most` rows, balanced (9 rows, most 8: 5 + 4, not 8 + 1).
 static inline int64_t group_len(int64_t R, int64_t most) {
   const int64_t ng = (R + most - 1) / most;
   return (R + ng - 1) / ng;
+}
+
+// Software prefetch of the rows [r0, r0 + n) of a row-major (rows x cols) array into L1,
+// clipped to its `rows`: the forward asks for the next chunk's K and V rows a few keys at a
+// time while it works on the current chunk (past the range's end: the next head's, which the
+// same thread usually takes next), so the loads of the next chunk find them in cache.
+template <typename T>
+static inline void prefetch_rows(const T* base, int64_t r0, int64_t n, int64_t rows,
+                                 int64_t cols) {
+  if (r0 >= rows) return;
+  const char* p = reinterpret_cast<const char*>(base + r0 * cols);
+  const int64_t bytes = std::min(n, rows - r0) * cols * int64_t(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
 // One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
@@ -378,6 +416,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
   const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
   const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
+  const T* P_k_all = static_cast<const T*>(P.k);  // every head's rows, for the prefetch
+  const T* P_v_all = static_cast<const T*>(P.v);
+  const int64_t rows_all = s.B * s.H * Lk;
   // Value vectors of a row: at offsets t * W, the last one ending at Dv when Dv >= W (it
   // overlaps the one before), so rows at least a vector wide need no padding: fp32 V is read
   // in place. Narrower rows are copied into a zero-padded buffer.
@@ -481,23 +522,36 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int64_t qb = 0; qb < nqb; ++qb) {
         A* stq = st + qb * CW * W;  // [key][query lane]
         const A* qtb = qt + qb * Dk * W;
+        // scores are never -inf (s + 0 * s), so -inf seeds the max
+        V mx = vset(ninf);
         int j = 0;
-        for (; j + 4 <= nv; j += 4) score_qlanes<A, 4>(qtb, ksrc, koff + j, Dk, scale, stq + j * W);
-        for (; j < nv; ++j) score_qlanes<A, 1>(qtb, ksrc, koff + j, Dk, scale, stq + j * W);
-        V mx = vload(stq);
-        for (j = 1; j < nv; ++j) mx = vmax_nan<A>(mx, vload(stq + j * W));
+        for (; j + 8 <= nv; j += 8) {
+          if (qb == 0) {  // rows of the next chunk, a key group's share at a time
+            const int64_t r = bh * Lk + c0 + CW + j * kc / nv;
+            prefetch_rows(P_k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+            prefetch_rows(P_v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+          }
+          mx = score_qlanes<A, 8>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
+        }
+        for (; j + 4 <= nv; j += 4)
+          mx = score_qlanes<A, 4>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
+        for (; j < nv; ++j) mx = score_qlanes<A, 1>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
         const V mold = vload(mb + qb * W);
         const V mnew = vmax_nan<A>(mold, mx);
         const V al = vexp2((mold - mnew) * log2e);  // 0 while mold is -inf
-        vstore(mb + qb * W, mnew);
         vstore(alpha + qb * W, al);
-        V lsum = V{};
+        V lsum[2] = {V{}, V{}};  // two chains: the sum does not wait on the add latency
         for (j = 0; j < nv; ++j) {
           const V p = vexp2((vload(stq + j * W) - mnew) * log2e);
           vstore(stq + j * W, p);
-          lsum += p;
+          lsum[j & 1] += p;
         }
-        vstore(lv + qb * W, vload(lv + qb * W) * al + lsum);
+        const V ls = lsum[0] + lsum[1];
+        // A NaN score the plain max dropped made its p, and so this sum, NaN: the row's max
+        // becomes NaN too, so that it stays NaN (vmax_nan above, in later chunks) and the
+        // row is never taken for an all-masked one at the end.
+        vstore(mb + qb * W, ls != ls ? ls : mnew);
+        vstore(lv + qb * W, vload(lv + qb * W) * al + ls);
         // P x V for the block's rows: p of query g, key j at stq[j * W + g]
         const int64_t r0 = qb * W, nr = std::min<int64_t>(W, R - r0);
         const int64_t pg = group_len(nr, kPvQ);
