@@ -394,7 +394,7 @@ static inline void prefetch_rows(const T* base, int64_t r0, int64_t n, int64_t r
   if (r0 >= rows) return;
   const char* p = reinterpret_cast<const char*>(base + r0 * cols);
   const int64_t bytes = std::min(n, rows - r0) * cols * int64_t(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 // One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
@@ -527,7 +527,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
           if (qb == 0) {  // rows of the next chunk, a key group's share at a time
-            const int64_t r = bh * Lk + c0 + CW + j * kc / nv;
+            const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
             prefetch_rows(P_k_all, r, 8 * kc / nv + 1, rows_all, Dk);
             prefetch_rows(P_v_all, r, 8 * kc / nv + 1, rows_all, Dv);
           }
@@ -741,13 +741,16 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   T* dv = static_cast<T*>(P.dv) + bh * Lk * Dv;
   const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
   constexpr bool kConvert = !std::is_same<T, A>::value;
+  const T* k_all = static_cast<const T*>(P.k);  // every head's rows, for the prefetch
+  const T* v_all = static_cast<const T*>(P.v);
+  const int64_t rows_all = s.B * s.H * Lk;
 
   const int64_t n_qt = nqb * Dk * W, n_dot = nqb * Dv * W, n_l = nqb * W;
   const int64_t n_qr = nqb * W * Dkp, n_dor = nqb * W * Dvp;
   const int64_t n_dkc = kChunk * Dkp, n_dvc = kChunk * Dvp, n_lane = 2 * kGroup * W;
   const int64_t n_kb = kConvert ? kChunk * Dk : 0, n_vb = kConvert ? kChunk * Dv : 0;
   A* qt = scratch<A>(2 * n_qt + n_dot + 2 * n_l + n_qr + n_dor + n_dkc + n_dvc + n_lane + n_kb +
-                     n_vb + W);
+                     n_vb + n_qt + W);
   A* dqt = qt + n_qt;
   A* dot = dqt + n_qt;
   A* lse2 = dot + n_dot;
@@ -759,6 +762,10 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   A* lanebuf = dvc + n_dvc;
   A* kb = lanebuf + n_lane;
   A* vb = kb + n_kb;
+  // dq of one chunk, added to dqt when the chunk is done: a two-level sum, whose rounding
+  // error grows with the chunk count instead of the key count (Lk = 3645 summed key by key
+  // made dq ~6x less accurate than PyTorch's)
+  A* dqc = vb + n_vb;
   int32_t idx[kChunk];
 
   const A scale = A(P.scale);
@@ -789,16 +796,26 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
     std::fill(dkc, dkc + kc * Dkp, A(0));
     std::fill(dvc, dvc + kc * Dvp, A(0));
     if (nv > 0) {
+      std::fill(dqc, dqc + n_qt, A(0));
       const A* kcp = chunk_rows<T, A>(k + c0 * Dk, kc, Dk, kb);
       const A* vcp = chunk_rows<T, A>(v + c0 * Dv, kc, Dv, vb);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t nrows = std::min<int64_t>(W, Lq - qb * W);
         const A* qtb = qt + qb * Dk * W;
         const A* dotb = dot + qb * Dv * W;
-        A* dqtb = dqt + qb * Dk * W;
+        A* dqtb = dqc + qb * Dk * W;
         const A* qrb = qrow + qb * W * Dkp;
         const A* dorb = dorow + qb * W * Dvp;
         int t = 0;
+        for (; t + 8 <= nv; t += 8) {
+          if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
+            const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
+            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+          }
+          bwd_group<A, 8>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
+                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
+        }
         for (; t + 4 <= nv; t += 4)
           bwd_group<A, 4>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
                           dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
@@ -806,6 +823,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
           bwd_group<A, 1>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
                           dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
       }
+      for (int64_t e = 0; e < n_qt; e += W) vstore(dqt + e, vload(dqt + e) + vload(dqc + e));
     }
     for (int64_t j = 0; j < kc; ++j) {
       T* dkr = dk + (c0 + j) * Dk;
