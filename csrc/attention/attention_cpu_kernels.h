@@ -215,7 +215,11 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 
 static constexpr int kKeyVecs = 4;  // key vectors per chunk: 64 keys (AVX-512 fp32)
 static constexpr int kScoreQ = 4;   // queries per score tile (kScoreQ x kKeyVecs accumulators)
-static constexpr int kPvQ = 8;      // queries per P x V tile
+// queries per P x V tile, and the most that take three value vectors at a time: with 32
+// vector registers (AVX-512) all 9 EmbQ queries x 3 value vectors stay in registers and each
+// V row is loaded once; with 16, groups of at most 5 (15 accumulators + 3 loads would spill)
+static constexpr int kPvQ = FS_VEC_BYTES == 64 ? 9 : 8;
+static constexpr int kPv3Q = FS_VEC_BYTES == 64 ? 9 : 5;
 
 // max that returns NaN when either operand is NaN (a > b ? a : b alone drops a NaN b or a).
 template <typename A> static inline Vec<A> vmax_nan(Vec<A> a, Vec<A> b) {
@@ -345,7 +349,8 @@ static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, 
     case 5: return pv_tile<A, 5, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
     case 6: return pv_tile<A, 6, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
     case 7: return pv_tile<A, 7, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    default: return pv_tile<A, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 8: return pv_tile<A, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    default: return pv_tile<A, kPvQ, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
   }
 }
 
@@ -497,10 +502,20 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       // dense: idx[c] == c; otherwise the attended rows were packed: row c either way
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
-    if (!qlanes)
-      for (int64_t d = 0; d < Dk; ++d)
+    if (!qlanes) {
+      // the rows three chunks ahead, spread over the transposition's steps (as the query-lane
+      // branch below spreads them over its key groups)
+      const int64_t pf = (CW + Dk - 1) / Dk;
+      for (int64_t d = 0; d < Dk; ++d) {
+        const int64_t r = bh * Lk + c0 + 3 * CW + d * pf;
+        if (d * pf < CW) {
+          prefetch_rows(P_k_all, r, pf, rows_all, Dk);
+          prefetch_rows(P_v_all, r, pf, rows_all, Dv);
+        }
         for (int t = 0; t < nkv; ++t)
           vstore(kt + d * CW + t * W, vgather(ksrc + d, koff + t * W));
+      }
+    }
     if (kSame && v_overlap) {
       for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
     } else if (v_overlap && dense) {
@@ -526,7 +541,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         V mx = vset(ninf);
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
-          if (qb == 0) {  // rows of the next chunk, a key group's share at a time
+          if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
             const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
             prefetch_rows(P_k_all, r, 8 * kc / nv + 1, rows_all, Dk);
             prefetch_rows(P_v_all, r, 8 * kc / nv + 1, rows_all, Dv);
@@ -540,13 +555,21 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         const V mnew = vmax_nan<A>(mold, mx);
         const V al = vexp2((mold - mnew) * log2e);  // 0 while mold is -inf
         vstore(alpha + qb * W, al);
-        V lsum[2] = {V{}, V{}};  // two chains: the sum does not wait on the add latency
-        for (j = 0; j < nv; ++j) {
-          const V p = vexp2((vload(stq + j * W) - mnew) * log2e);
-          vstore(stq + j * W, p);
-          lsum[j & 1] += p;
+        V ls0 = V{}, ls1 = V{};  // two chains: the sum does not wait on the add latency
+        for (j = 0; j + 2 <= nv; j += 2) {
+          const V p0 = vexp2((vload(stq + j * W) - mnew) * log2e);
+          const V p1 = vexp2((vload(stq + (j + 1) * W) - mnew) * log2e);
+          vstore(stq + j * W, p0);
+          vstore(stq + (j + 1) * W, p1);
+          ls0 += p0;
+          ls1 += p1;
         }
-        const V ls = lsum[0] + lsum[1];
+        if (j < nv) {
+          const V p0 = vexp2((vload(stq + j * W) - mnew) * log2e);
+          vstore(stq + j * W, p0);
+          ls0 += p0;
+        }
+        const V ls = ls0 + ls1;
         // A NaN score the plain max dropped made its p, and so this sum, NaN: the row's max
         // becomes NaN too, so that it stays NaN (vmax_nan above, in later chunks) and the
         // row is never taken for an all-masked one at the end.
@@ -561,7 +584,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           const A* ptq = stq + qa;
           const A* alq = alpha + r0 + qa;
           int64_t t0 = 0;
-          if (qg <= 5)
+          if (qg <= kPv3Q)
             for (; t0 + 3 <= nd; t0 += 3)
               pv_rows<A, 3>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
           for (; t0 + 2 <= nd; t0 += 2)
@@ -608,14 +631,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       vstore(lv + i * W, vload(lv + i * W) * alpha[i] + lsum);
     }
 
-    // P x V: value vectors three at a time for groups of up to 5 queries, two at a time above
+    // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above
     const int64_t pg = group_len(R, kPvQ);
     for (int64_t qa = 0; qa < R; qa += pg) {
       const int qg = int(std::min<int64_t>(pg, R - qa));
       A* otq = ot + qa * ostride;
       const A* ptq = st + qa * CW;
       int64_t t0 = 0;
-      if (qg <= 5)
+      if (qg <= kPv3Q)
         for (; t0 + 3 <= nd; t0 += 3)
           pv_rows<A, 3>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
       for (; t0 + 2 <= nd; t0 += 2)
