@@ -90,12 +90,14 @@ DType dtype_of() {
   else return DType::bf16;
 }
 
-// Least work (row elements touched) a parallel task gets, about 1 ms of one core; smaller passes
-// run on the calling thread. On a shared, oversubscribed CPU a parallel region waits until all
-// its threads have been scheduled: on 2 busy cores the forward's pass (B = 1, 27x27, C = 1152)
-// took ~13 ms as a 2-thread region against ~2 ms inline, 1.23x against 1.03x the bare GEMM.
-// Passes over several images still split across threads.
-constexpr int64_t kMinTaskWork = int64_t(1) << 21;
+// Least work (row elements touched) a parallel task gets, about a quarter of a millisecond of
+// one core; smaller passes run on the calling thread. At 2^21 the forward's pass at B = 1
+// (27x27, C = 1152: 1.7M elements) ran on one thread while the GEMM before it used both cores:
+// 1.09-1.10x the bare GEMM on an idle 2-core machine, 1.05-1.07x split in two (2026-12-05).
+// On a shared, oversubscribed CPU a parallel region waits until all its threads have been
+// scheduled (a 2-thread pass once took ~13 ms there against ~2 ms inline); the GEMM before it
+// waits the same way, so the split follows the work, not the load.
+constexpr int64_t kMinTaskWork = int64_t(1) << 19;
 
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, (kMinTaskWork + work_per_item - 1) / work_per_item);
