@@ -260,6 +260,72 @@ template <typename A> static inline Vec<A> vgather(const A* base, const int32_t*
   return v;
 }
 
+// kt[d * cw + t * W + l] = kbase[koff[t * W + l] + d] for d < Dk, t < nkv: K^T of the chunk's
+// attended keys, one key per lane. On AVX-512 (fp32) blocks of 16 dims go through an in-register
+// 16 x 16 transpose (16 row loads, 64 shuffles, 16 stores per 16 keys) instead of 16 gathers
+// (each ~16 load uops): the transposition had cost more than the score FMAs at Lq = 1 / 2.
+// A tail of fewer than 8 dims is gathered.
+#if FS_VEC_BYTES == 64
+static inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + m], lane L (128 bits): dim 4L + m of keys 4i .. 4i + 3
+  __m512 u[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // a 4 x 4 transpose of 128-bit blocks for each m: r[4L + m] = (u[m], u[4 + m], u[8 + m],
+  // u[12 + m]) lane L each
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+    r[m] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + m] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + m] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+#endif
+
+// step(t) runs before key vector t is transposed (the caller's prefetch, spread over the work).
+template <typename A, typename Step>
+static inline void transpose_keys(const A* kbase, const int32_t* koff, int64_t Dk, int nkv,
+                                  A* kt, int64_t cw, Step step) {
+  constexpr int W = lanes<A>();
+  int64_t dt = 0;  // dims [0, dt) go through the register transpose
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value) dt = Dk % 16 >= 8 ? Dk : Dk / 16 * 16;
+#endif
+  for (int t = 0; t < nkv; ++t) {
+    step(t);
+#if FS_VEC_BYTES == 64
+    if constexpr (std::is_same<A, float>::value) {
+      for (int64_t d0 = 0; d0 < dt; d0 += 16) {
+        const int64_t nd = std::min<int64_t>(16, dt - d0);
+        const __mmask16 m = __mmask16((1u << nd) - 1u);
+        __m512 r[16];
+        for (int l = 0; l < 16; ++l)
+          r[l] = _mm512_maskz_loadu_ps(m, kbase + koff[t * W + l] + d0);  // never past a row
+        transpose16(r);
+        for (int64_t j = 0; j < nd; ++j) _mm512_storeu_ps(kt + (d0 + j) * cw + t * W, r[j]);
+      }
+    }
+#endif
+    for (int64_t d = dt; d < Dk; ++d)
+      vstore(kt + d * cw + t * W, vgather(kbase + d, koff + t * W));
+  }
+}
+
 // s[g][t] = ((q_g . k_t) * scale) + 0 * (...) for QG queries and KV key vectors.
 // qf: QG rows of Dk (accumulation type); kt: K^T, Dk rows of `cw` keys; st: QG rows of `cw`.
 template <typename A, int QG, int KV>
@@ -503,18 +569,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes) {
-      // the rows three chunks ahead, spread over the transposition's steps (as the query-lane
-      // branch below spreads them over its key groups)
-      const int64_t pf = (CW + Dk - 1) / Dk;
-      for (int64_t d = 0; d < Dk; ++d) {
-        const int64_t r = bh * Lk + c0 + 3 * CW + d * pf;
-        if (d * pf < CW) {
-          prefetch_rows(P_k_all, r, pf, rows_all, Dk);
-          prefetch_rows(P_v_all, r, pf, rows_all, Dv);
-        }
-        for (int t = 0; t < nkv; ++t)
-          vstore(kt + d * CW + t * W, vgather(ksrc + d, koff + t * W));
-      }
+      // the rows three chunks ahead, a key vector's share per step of the transposition (as
+      // the query-lane branch below spreads them over its key groups)
+      const int64_t pf = (CW + nkv - 1) / nkv;
+      transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
+        const int64_t r = bh * Lk + c0 + 3 * CW + t * pf;
+        prefetch_rows(P_k_all, r, pf, rows_all, Dk);
+        prefetch_rows(P_v_all, r, pf, rows_all, Dv);
+      });
     }
     if (kSame && v_overlap) {
       for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
