@@ -39,10 +39,21 @@ template <typename A> static inline Vec<A> vload(const A* p) {
 template <typename A> static inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof(v)); }
 template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a > b ? a : b; }
 
+// 2^f for f in [-0.5, 0.5]: a degree-6 Taylor polynomial (relative error ~1.2e-7).
+__attribute__((always_inline)) static inline Vec<float> exp2_poly(Vec<float> f) {
+  Vec<float> p = vset<float>(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.618129107628477e-3f;
+  p = p * f + 5.550410866482158e-2f;
+  p = p * f + 0.2402265069591007f;
+  p = p * f + 0.6931471805599453f;
+  p = p * f + 1.0f;
+  return p;
+}
+
 // 2^x, exactly 0 for x < -126 (so -inf, a masked or all-masked logit, gives 0 and never NaN).
-// Round-to-nearest by the 1.5 * 2^23 trick, then a degree-6 Taylor polynomial of 2^f on
-// [-0.5, 0.5] (relative error ~1.2e-7) times 2^n built in the exponent bits.
-// Always inlined: called out of line (GCC's choice at -O3) it cost ~10% of the forward.
+// Round to nearest (the 1.5 * 2^23 trick), then exp2_poly(f) times 2^n built in the exponent
+// bits. Always inlined: called out of line (GCC's choice at -O3) it cost ~10% of the forward.
 __attribute__((always_inline)) static inline Vec<float> vexp2(Vec<float> x) {
 #if FS_VEC_BYTES == 64
   // The same function in 11 instructions instead of ~18: round by vrndscaleps, 2^n by
@@ -51,13 +62,7 @@ __attribute__((always_inline)) static inline Vec<float> vexp2(Vec<float> x) {
   const __m512 xv = _mm512_min_ps(_mm512_set1_ps(127.0f), (__m512)x);  // NaN stays NaN
   const __m512 n512 = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const Vec<float> f = (Vec<float>)xv - (Vec<float>)n512;
-  Vec<float> p = vset<float>(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.618129107628477e-3f;
-  p = p * f + 5.550410866482158e-2f;
-  p = p * f + 0.2402265069591007f;
-  p = p * f + 0.6931471805599453f;
-  p = p * f + 1.0f;
+  const Vec<float> p = exp2_poly(f);
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
   return (Vec<float>)_mm512_maskz_scalef_ps(keep, (__m512)p, n512);
 #else
@@ -69,13 +74,7 @@ __attribute__((always_inline)) static inline Vec<float> vexp2(Vec<float> x) {
   const Vec<float> t = xc + magic;
   const Vec<float> f = xc - (t - magic);
   const VI n = (VI)t - (VI)magic;
-  Vec<float> p = vset<float>(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.618129107628477e-3f;
-  p = p * f + 5.550410866482158e-2f;
-  p = p * f + 0.2402265069591007f;
-  p = p * f + 0.6931471805599453f;
-  p = p * f + 1.0f;
+  const Vec<float> p = exp2_poly(f);
   const Vec<float> r = p * (Vec<float>)((n + 127) << 23);
   return x < lo ? Vec<float>{} : r;
 #endif
