@@ -486,8 +486,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const T* k = static_cast<const T*>(P.k) + bh * Lk * Dk;
   const T* v = static_cast<const T*>(P.v) + bh * Lk * Dv;
   const bool* mrow = P.mask ? P.mask + b * Lk : nullptr;
-  const T* P_k_all = static_cast<const T*>(P.k);  // every head's rows, for the prefetch
-  const T* P_v_all = static_cast<const T*>(P.v);
+  const T* k_all = static_cast<const T*>(P.k);  // every head's rows, for the prefetch
+  const T* v_all = static_cast<const T*>(P.v);
   const int64_t rows_all = s.B * s.H * Lk;
   // Value vectors of a row: at offsets t * W, the last one ending at Dv when Dv >= W (it
   // overlaps the one before), so rows at least a vector wide need no padding: fp32 V is read
@@ -573,8 +573,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         const int64_t r = bh * Lk + c0 + 3 * CW + t * pf;
-        prefetch_rows(P_k_all, r, pf, rows_all, Dk);
-        prefetch_rows(P_v_all, r, pf, rows_all, Dv);
+        prefetch_rows(k_all, r, pf, rows_all, Dk);
+        prefetch_rows(v_all, r, pf, rows_all, Dv);
       });
     }
     if (kSame && v_overlap) {
@@ -604,8 +604,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         for (; j + 8 <= nv; j += 8) {
           if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
             const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
-            prefetch_rows(P_k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-            prefetch_rows(P_v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
           }
           mx = score_qlanes<A, 8>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
         }
