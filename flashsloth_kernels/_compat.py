@@ -12,6 +12,7 @@ import functools
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 # Set to True (tests) to act as if none of the private APIs existed.
 FORCE_FALLBACK = False
@@ -21,6 +22,13 @@ def _private(path: str) -> Optional[Callable]:
     """The private torch function at ``path`` (e.g. "_C._len_torch_dispatch_stack"), or None."""
     if FORCE_FALLBACK:
         return None
+    return _lookup(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(path: str) -> Optional[Callable]:
+    # looked up once per path: these run on every eager call of an op (the attribute walk
+    # cost ~1 us a call, several times per call)
     obj: object = torch
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -70,8 +78,6 @@ def functorch_transform(*kinds: str) -> Optional[str]:
 def has_forward_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` is a forward-mode AD dual tensor (torch.autograd.forward_ad),
     through the public unpack_dual."""
-    from torch.autograd import forward_ad
-
     level = None if FORCE_FALLBACK else getattr(forward_ad, "_current_level", None)
     if isinstance(level, int) and level < 0:
         return False  # no dual level entered: no dual tensor can exist (the cheap answer)

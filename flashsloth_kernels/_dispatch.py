@@ -91,9 +91,14 @@ class Dispatcher:
         return self._select(requested, device, dtype, items)
 
     def _select(self, requested, device, dtype, facts_items) -> str:
-        facts = dict(facts_items)
         if requested is None:
             requested = _env.default_backend()
+        key = (device.type, dtype, facts_items)  # facts_items: sorted by select
+        if requested == "auto":  # the common case, answered from the cache before any work
+            hit = self._auto_cache.get(key)
+            if hit is not None:
+                return hit
+        facts = dict(facts_items)
         if not isinstance(requested, str):
             raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
         requested = requested.lower()
@@ -109,10 +114,6 @@ class Dispatcher:
                     + " (use backend='auto' to pick one that can)"
                 )
             return requested
-        key = (device.type, dtype, tuple(sorted(facts.items())))
-        hit = self._auto_cache.get(key)
-        if hit is not None:
-            return hit
         tried: List[str] = []
         for name in self._order_for(device, facts):
             why = self.reasons(name, device, dtype, **facts)

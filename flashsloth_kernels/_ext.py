@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 
+from . import _env
+
 
 @functools.lru_cache(maxsize=None)
 def _load(module: str):
@@ -63,8 +65,6 @@ class IsaSwitch:
         return tuple(self._op("supported_isas")())
 
     def apply(self) -> None:
-        from . import _env
-
         want = _env.cpu_isa()
         if want == self._applied:
             return

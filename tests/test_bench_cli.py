@@ -227,6 +227,23 @@ def test_slow_provider_is_sampled_less():
     assert timings["fast"].samples == 4 and timings["slow"].samples == 2
 
 
+def test_sample_size_comes_from_warm_calls_not_the_first():
+    """A first call with one-off costs (here 30 ms, then ~1 ms) must not shrink a sample to
+    one call: the calls per sample are sized from the warm calls that follow it."""
+    import time
+
+    state = {"n": 0}
+
+    def cold_first():
+        state["n"] += 1
+        time.sleep(0.03 if state["n"] == 1 else 0.001)
+
+    budget = timing.Budget(min_rounds=2, max_rounds=2, seconds=10.0, min_sample_s=0.01)
+    timings, _ = timing.time_providers({"p": cold_first}, torch.device("cpu"), budget)
+    assert timings["p"].inner >= 5, timings["p"]
+    assert timings["p"].median_ms < 10, timings["p"]   # the cold call is not a sample
+
+
 def test_cpu_peak_memory_sees_temporaries():
     n = 1 << 20
 
