@@ -66,6 +66,26 @@ def kill_at_write_step() -> int:
     return n
 
 
+CPU_POOL_MB_DEFAULT = 512
+
+
+def cpu_pool_mb() -> int:
+    """FLASHSLOTH_CPU_POOL_MB: how many MiB of released output buffers the C++ CPU kernels keep
+    for reuse (csrc/common/cpu_pool.h; default 512, 0 turns the pool off). Outputs of 1 MiB or
+    more are drawn from the pool: a fresh multi-MB tensor is page-faulted in page by page on its
+    first write, which cost the B = 16 attention backward half its time."""
+    value = os.environ.get("FLASHSLOTH_CPU_POOL_MB", "").strip()
+    if not value:
+        return CPU_POOL_MB_DEFAULT
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"FLASHSLOTH_CPU_POOL_MB={value!r}: expected an integer >= 0 (MiB)")
+    return n
+
+
 CPU_ISAS = ("auto", "avx512", "avx2", "baseline")
 
 

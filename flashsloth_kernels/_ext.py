@@ -49,13 +49,15 @@ def triton_error() -> str | None:
 
 
 class IsaSwitch:
-    """The instruction-set variant of one op's C++ CPU kernels (csrc/common/cpu_isa.h), applied
-    from FLASHSLOTH_CPU_ISA before each call (read at call time, set in C++ only on change).
+    """The instruction-set variant of one op's C++ CPU kernels (csrc/common/cpu_isa.h) and the
+    size of their output pool (csrc/common/cpu_pool.h), applied from FLASHSLOTH_CPU_ISA and
+    FLASHSLOTH_CPU_POOL_MB before each call (read at call time, set in C++ only on change).
     ``prefix`` names the op's C++ queries: ``<prefix>_isa``, ``<prefix>_set_isa``,
-    ``<prefix>_supported_isas`` in torch.ops.flashsloth."""
+    ``<prefix>_supported_isas``, ``<prefix>_pool_stats``, ``<prefix>_set_pool_limit`` in
+    torch.ops.flashsloth."""
 
     def __init__(self, module: str, prefix: str) -> None:
-        self._module, self._prefix, self._applied = module, prefix, ""
+        self._module, self._prefix, self._applied, self._pool_mb = module, prefix, "", -1
 
     def _op(self, suffix: str):
         return getattr(cpu_ops(self._module), f"{self._prefix}_{suffix}")
@@ -65,7 +67,10 @@ class IsaSwitch:
         return tuple(self._op("supported_isas")())
 
     def apply(self) -> None:
-        want = _env.cpu_isa()
+        want, pool_mb = _env.cpu_isa(), _env.cpu_pool_mb()
+        if pool_mb != self._pool_mb:
+            self._op("set_pool_limit")(pool_mb << 20)
+            self._pool_mb = pool_mb
         if want == self._applied:
             return
         if want != "auto" and want not in self.supported():
@@ -78,3 +83,10 @@ class IsaSwitch:
         """The variant the kernels run with (after applying FLASHSLOTH_CPU_ISA)."""
         self.apply()
         return self._op("isa")()
+
+    def pool_stats(self) -> dict:
+        """The output pool's bytes: ``live`` (in tensors now), ``idle`` (kept for reuse) and
+        ``limit`` (the most idle bytes it keeps), after applying FLASHSLOTH_CPU_POOL_MB."""
+        self.apply()
+        live, idle, limit = self._op("pool_stats")()
+        return {"live": live, "idle": idle, "limit": limit}

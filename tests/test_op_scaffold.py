@@ -50,12 +50,58 @@ def test_eager_bypass_and_its_public_fallback(monkeypatch, fallback):
     assert counter.calls == (1 if fallback else 0)
     torch.testing.assert_close(out, torch.ops.flashsloth.spatial_attention_pool(
         args[0], args[1], args[2], args[3].reshape(4), args[4], 3, 3, 3, 3, None, 1.0, "cpu"))
-    # observed calls always take the op: autograd, autocast
+    # gradients: unobserved calls run the op's autograd glue without the op
     x = args[0].clone().requires_grad_()
     fk.spatial_attention_pool(x, *args[1:], window=3, backend="cpu")
+    assert counter.calls == (2 if fallback else 0)
+    # observed calls always take the op: autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fk.spatial_attention_pool(*args, window=3, backend="cpu")
-    assert counter.calls == (3 if fallback else 2)
+    assert counter.calls == (3 if fallback else 1)
+
+
+def _attn_call(q, k, v):
+    return fk.query_patch_attention(q, k, v, backend="cpu")
+
+
+def _sap_call(x, w1, b1, w2, b2):
+    return fk.spatial_attention_pool(x, w1, b1, w2, b2, window=3, backend="cpu")
+
+
+@pytest.mark.parametrize("mod,call,make", [
+    (attn_op, _attn_call, lambda: (torch.randn(2, 3, 5, 7), torch.randn(2, 3, 11, 7),
+                                   torch.randn(2, 3, 11, 6))),
+    (sap_op, _sap_call, _sap_args),
+])
+def test_eager_autograd_bypass_matches_the_op(monkeypatch, mod, call, make):
+    """Unobserved calls that need gradients run an autograd.Function with the op's own
+    setup_context / backward and call the kernels directly: the same outputs and gradients,
+    bit for bit, as through the registered ops (taken when the private APIs are missing);
+    create_graph=True still reaches the backward op, whose missing autograd formula raises
+    at the double backward."""
+    def grads(fallback):
+        monkeypatch.setattr(_compat, "FORCE_FALLBACK", fallback)
+        fwd, bwd = _CountingOp(mod.fused.op), _CountingOp(mod.fused.backward_op)
+        monkeypatch.setattr(mod.fused, "op", fwd)
+        monkeypatch.setattr(mod.fused, "backward_op", bwd)
+        torch.manual_seed(0)
+        ins = [t.requires_grad_() for t in make()]
+        out = call(*ins)
+        g = torch.autograd.grad(out, ins, torch.ones_like(out))
+        assert (fwd.calls, bwd.calls) == ((1, 1) if fallback else (0, 0))
+        monkeypatch.undo()
+        return out, g
+
+    out_op, g_op = grads(True)
+    out_eager, g_eager = grads(False)
+    torch.testing.assert_close(out_eager, out_op, rtol=0, atol=0)
+    for a, b in zip(g_eager, g_op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ins = [t.requires_grad_() for t in make()]
+    out = call(*ins)
+    g = torch.autograd.grad(out, ins, torch.ones_like(out), create_graph=True)
+    with pytest.raises(RuntimeError, match="backward.* no autograd formula was registered"):
+        torch.autograd.grad(g[0].sum(), ins, allow_unused=True)
 
 
 def test_nothing_observes_is_false_under_a_mode():

@@ -32,6 +32,7 @@
 
 #include "attention_cpu.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_pool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // the fp32 gathers of the AVX-512 / AVX2 kernels
@@ -281,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   s.Dk = q.size(3);
   s.Lk = k.size(2);
   s.Dv = v.size(3);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = cpu_pool::empty_like(q), dk = cpu_pool::empty_like(k), dv = cpu_pool::empty_like(v);
   if (s.B * s.H == 0) return {dq, dk, dv};
   if (s.Lq == 0 || s.Lk == 0) {
     dq.zero_();
@@ -344,11 +345,12 @@ std::string attention_isa() { return kernels().isa; }
 
 // The schemas of flashsloth::query_patch_attention_fwd / _bwd are defined once for every device
 // by flashsloth_kernels/attention/op.py (fused.define_kernels); this file registers their CPU
-// kernels (csrc/attention/attention_cuda.cpp the CUDA forward). The ISA query is CPU-only.
+// kernels (csrc/attention/attention_cuda.cpp the CUDA forward). The ISA and output-pool queries are CPU-only.
 TORCH_LIBRARY_FRAGMENT(flashsloth, m) {
   m.def("query_patch_attention_isa() -> str", &attention_isa);
   m.def("query_patch_attention_set_isa(str isa) -> str", &set_attention_isa);
   m.def("query_patch_attention_supported_isas() -> str[]", &supported_attention_isas);
+  FS_DEFINE_POOL_OPS(m, "query_patch_attention");
 }
 
 TORCH_LIBRARY_IMPL(flashsloth, CPU, m) {

@@ -37,6 +37,17 @@ template <typename A> static inline Vec<A> vload(const A* p) {
   return v;
 }
 template <typename A> static inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof(v)); }
+// The first n (1..W) lanes of v to p: a masked store for fp32 on AVX-512, a lane loop below W.
+template <typename A> static inline void vstore_n(A* p, Vec<A> v, int n) {
+  if (n == lanes<A>()) return vstore(p, v);
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value) {
+    _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), (__m512)v);
+    return;
+  }
+#endif
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+}
 template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a > b ? a : b; }
 
 // 2^f for f in [-0.5, 0.5]: a degree-6 Taylor polynomial (relative error ~1.2e-7).
@@ -740,7 +751,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 
 // G keys of one query block in the backward: p and ds (lane vectors), dq accumulation
 // (lanes = queries), then dk / dv rows (vectorised over the padded head dim).
-template <typename A, int G>
+// Direct (every query in this one block, so the G keys' dk / dv are complete here): the rows
+// are written to dkc / dvc with row strides Dk / Dv (the output itself), dk times `scale`,
+// instead of accumulated into the padded chunk buffers.
+template <typename A, int G, bool Direct>
 static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
                              const A* delta, const A* kc, const A* vc, int64_t Dk, int64_t Dv,
                              const int32_t* idx, A* dqt, const A* qrow, const A* dorow,
@@ -785,21 +799,33 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   // is loaded once and feeds G FMAs whose other operand is a broadcast p (ds) from memory.
   for (int64_t dd = 0; dd < Dvp; dd += W) {
     Vec<A> acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = vload(dvc + int64_t(idx[g]) * Dvp + dd);
+    for (int g = 0; g < G; ++g)
+      acc[g] = Direct ? Vec<A>{} : vload(dvc + int64_t(idx[g]) * Dvp + dd);
     for (int64_t i = 0; i < nrows; ++i) {
       const Vec<A> x = vload(dorow + i * Dvp + dd);
       for (int g = 0; g < G; ++g) acc[g] += vset(pl[g * W + i]) * x;
     }
-    for (int g = 0; g < G; ++g) vstore(dvc + int64_t(idx[g]) * Dvp + dd, acc[g]);
+    if constexpr (Direct) {
+      const int n = int(std::min<int64_t>(W, Dv - dd));
+      for (int g = 0; g < G; ++g) vstore_n(dvc + int64_t(idx[g]) * Dv + dd, acc[g], n);
+    } else {
+      for (int g = 0; g < G; ++g) vstore(dvc + int64_t(idx[g]) * Dvp + dd, acc[g]);
+    }
   }
   for (int64_t dd = 0; dd < Dkp; dd += W) {
     Vec<A> acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = vload(dkc + int64_t(idx[g]) * Dkp + dd);
+    for (int g = 0; g < G; ++g)
+      acc[g] = Direct ? Vec<A>{} : vload(dkc + int64_t(idx[g]) * Dkp + dd);
     for (int64_t i = 0; i < nrows; ++i) {
       const Vec<A> x = vload(qrow + i * Dkp + dd);
       for (int g = 0; g < G; ++g) acc[g] += vset(dsl[g * W + i]) * x;
     }
-    for (int g = 0; g < G; ++g) vstore(dkc + int64_t(idx[g]) * Dkp + dd, acc[g]);
+    if constexpr (Direct) {
+      const int n = int(std::min<int64_t>(W, Dk - dd));
+      for (int g = 0; g < G; ++g) vstore_n(dkc + int64_t(idx[g]) * Dk + dd, acc[g] * scale, n);
+    } else {
+      for (int g = 0; g < G; ++g) vstore(dkc + int64_t(idx[g]) * Dkp + dd, acc[g]);
+    }
   }
 }
 
@@ -878,8 +904,13 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     const int64_t kc = std::min(kChunk, j1 - c0);
     const int nv = gather_keys(mrow, c0, kc, idx);
-    std::fill(dkc, dkc + kc * Dkp, A(0));
-    std::fill(dvc, dvc + kc * Dvp, A(0));
+    // every key attended and every query in one block: the groups write dk / dv rows
+    // themselves (no chunk buffers to clear, add into and copy out)
+    const bool direct = !kConvert && nqb == 1 && nv == kc;
+    if (!direct) {
+      std::fill(dkc, dkc + kc * Dkp, A(0));
+      std::fill(dvc, dvc + kc * Dvp, A(0));
+    }
     if (nv > 0) {
       std::fill(dqc, dqc + n_qt, A(0));
       const A* kcp = chunk_rows<T, A>(k + c0 * Dk, kc, Dk, kb);
@@ -891,26 +922,35 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         A* dqtb = dqc + qb * Dk * W;
         const A* qrb = qrow + qb * W * Dkp;
         const A* dorb = dorow + qb * W * Dvp;
-        int t = 0;
-        for (; t + 8 <= nv; t += 8) {
-          if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
-            const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
-            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+        A* dko = direct ? reinterpret_cast<A*>(dk + c0 * Dk) : dkc;
+        A* dvo = direct ? reinterpret_cast<A*>(dv + c0 * Dv) : dvc;
+        auto groups = [&](auto direct_tag) {
+          constexpr bool D = decltype(direct_tag)::value;
+          int t = 0;
+          for (; t + 8 <= nv; t += 8) {
+            if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
+              const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
+              prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+              prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+            }
+            bwd_group<A, 8, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
           }
-          bwd_group<A, 8>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
-                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
-        }
-        for (; t + 4 <= nv; t += 4)
-          bwd_group<A, 4>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
-                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
-        for (; t < nv; ++t)
-          bwd_group<A, 1>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t,
-                          dqtb, qrb, dorb, nrows, Dkp, Dvp, dkc, dvc, lanebuf);
+          for (; t + 4 <= nv; t += 4)
+            bwd_group<A, 4, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+          for (; t < nv; ++t)
+            bwd_group<A, 1, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+        };
+        if (direct)
+          groups(std::true_type{});
+        else
+          groups(std::false_type{});
       }
       for (int64_t e = 0; e < n_qt; e += W) vstore(dqt + e, vload(dqt + e) + vload(dqc + e));
     }
-    for (int64_t j = 0; j < kc; ++j) {
+    for (int64_t j = 0; j < (direct ? 0 : kc); ++j) {
       T* dkr = dk + (c0 + j) * Dk;
       T* dvr = dv + (c0 + j) * Dv;
       store_row(dkr, dkc + j * Dkp, Dk, scale);

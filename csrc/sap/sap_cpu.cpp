@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/cpu_pool.h"
 #include "sap_cpu.h"
 
 namespace flashsloth {
@@ -214,7 +215,7 @@ Tensor gemm_lowp_f32(const Tensor& x2, const Tensor& w1) {
     } catch (const c10::Error&) {
       return Tensor();  // a oneDNN that cannot pack this shape: the fp32 path
     }
-    Tensor z = at::empty({M, N}, x2.options().dtype(at::kFloat));
+    Tensor z = cpu_pool::empty({M, N}, x2.options().dtype(at::kFloat));
     const T* xp = x2.const_data_ptr<T>();
     float* zp = z.mutable_data_ptr<float>();
     // Tasks of kRowsPerTask rows: their A rows stay in L2 while every packed block of B (one
@@ -256,7 +257,10 @@ Tensor fwd_impl(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& 
   // b1 stays out of the GEMM: the epilogue adds it, which spares a broadcast copy into z.
   Tensor z;
   if (lowp_gemm) z = gemm_lowp_f32<T>(x.view({B * N, C}), w1.contiguous());
-  if (!z.defined()) z = at::mm(x.to(acc_st).view({B * N, C}), w1.to(acc_st).t());
+  if (!z.defined()) {
+    z = cpu_pool::empty({B * N, Ch}, x.options().dtype(acc_st));
+    at::mm_out(z, x.to(acc_st).view({B * N, C}), w1.to(acc_st).t());
+  }
   Tensor out = at::empty({B, win.G, C}, x.options());
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
   const FwdArgs a{sc.args(), win, B, N, C, Ch, dtype_of<T>(), z.const_data_ptr<acc_t>(),
@@ -308,13 +312,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   // micro-kernel from the 16-bit operands, as the forward)
   Tensor z;
   if constexpr (!kInPlace) z = gemm_lowp_f32<D>(x.contiguous().view({M, C}), w1.contiguous());
-  if (!z.defined()) z = at::mm(xa, w1a.t());
+  if (!z.defined()) {
+    z = cpu_pool::empty({M, Ch}, acc_opts);
+    at::mm_out(z, xa, w1a.t());
+  }
   Scorer<acc_t> sc(b1, w2, b2, mask.has_value(), scale, Ch);
   const bool* mp = mask ? mask->const_data_ptr<bool>() : nullptr;
   const Tensor g = gout.to(acc_st).contiguous();
   Tensor ds = at::empty({M}, acc_opts);
-  Tensor dx = need_x ? at::empty({M, C}, x.options().dtype(d_st)) : Tensor();
-  Tensor dz = kInPlace ? z : at::empty({M, Ch}, x.options().dtype(d_st));
+  Tensor dx = need_x ? cpu_pool::empty({M, C}, x.options().dtype(d_st)) : Tensor();
+  Tensor dz = kInPlace ? z : cpu_pool::empty({M, Ch}, x.options().dtype(d_st));
   const int64_t nstrips = B * win.Gh;
   // per-strip partials of (dw2, db1): fixed by the problem, not by the thread count
   Tensor part = need_w ? at::zeros({nstrips, 2 * Ch}, acc_opts) : Tensor();
@@ -402,11 +409,12 @@ std::vector<std::string> sap_supported_isas() { return kernels().supported(); }
 }  // namespace sap
 }  // namespace flashsloth
 
-// The instruction-set queries are CPU-only and defined here (the op schemas in op.py).
+// The instruction-set and output-pool queries are CPU-only and defined here (the op schemas in op.py).
 TORCH_LIBRARY_FRAGMENT(flashsloth, m) {
   m.def("spatial_attention_pool_isa() -> str", &flashsloth::sap::sap_isa);
   m.def("spatial_attention_pool_set_isa(str isa) -> str", &flashsloth::sap::sap_set_isa);
   m.def("spatial_attention_pool_supported_isas() -> str[]", &flashsloth::sap::sap_supported_isas);
+  FS_DEFINE_POOL_OPS(m, "spatial_attention_pool");
 }
 
 // The schemas of flashsloth::spatial_attention_pool_fwd / _bwd are defined once for every device

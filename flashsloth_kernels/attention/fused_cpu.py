@@ -53,6 +53,13 @@ def attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                           out, lse)
 
 
+def pool_stats() -> dict:
+    """Bytes of the C++ CPU kernels' output pool (csrc/common/cpu_pool.h): ``live``, ``idle``
+    (released buffers kept for the next call of the same size) and ``limit``
+    (FLASHSLOTH_CPU_POOL_MB)."""
+    return _isa.pool_stats()
+
+
 def isa() -> str:
     """The instruction set the kernels run with: "avx512", "avx2" or "baseline" (the widest this
     CPU supports, or the one FLASHSLOTH_CPU_ISA forces)."""

@@ -116,8 +116,9 @@ def _backward(ctx, grad_out, grad_lse):
         return None, None, None, None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = fused.backward_op(grad_out, q, k, v, key_padding_mask, ctx.scale, out, lse,
-                              ctx.backend)
+    dq, dk, dv = fused.call_backward(
+        (grad_out, q, k, v, key_padding_mask, ctx.scale, out, lse, ctx.backend),
+        (grad_out, q, k, v, key_padding_mask), q.device)
     return (dq if ctx.needs_input_grad[0] else None,
             dk if ctx.needs_input_grad[1] else None,
             dv if ctx.needs_input_grad[2] else None,

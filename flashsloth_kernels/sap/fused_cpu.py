@@ -81,6 +81,13 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
                             _lowp_gemm(x.dtype))
 
 
+def pool_stats() -> dict:
+    """Bytes of the C++ CPU kernels' output pool (csrc/common/cpu_pool.h): ``live``, ``idle``
+    (released buffers kept for the next call of the same size) and ``limit``
+    (FLASHSLOTH_CPU_POOL_MB)."""
+    return _isa.pool_stats()
+
+
 def isa() -> str:
     """The instruction set the elementwise passes run with: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one FLASHSLOTH_CPU_ISA forces). The GEMMs are ATen's."""

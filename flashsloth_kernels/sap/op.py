@@ -96,9 +96,10 @@ def _backward(ctx, grad_out):
     need_w = any(ctx.needs_input_grad[1:5])
     if not (need_x or need_w):
         return (None,) * 12
-    dx, dw1, db1, dw2, db2 = fused.backward_op(grad_out.contiguous(), x, w1, b1, w2, b2, kh, kw,
-                                               H, W, dropout_mask, dropout_scale, backend,
-                                               need_x, need_w)
+    grad_out = grad_out.contiguous()
+    dx, dw1, db1, dw2, db2 = fused.call_backward(
+        (grad_out, x, w1, b1, w2, b2, kh, kw, H, W, dropout_mask, dropout_scale, backend, need_x,
+         need_w), (grad_out, x, w1, b1, w2, b2, dropout_mask), x.device)
     return (dx if need_x else None,
             dw1 if ctx.needs_input_grad[1] else None,
             db1 if b1 is not None and ctx.needs_input_grad[2] else None,
