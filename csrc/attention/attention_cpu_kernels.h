@@ -579,10 +579,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes) {
-      // the K rows three chunks ahead, a key vector's share per step of the transposition;
-      // their V rows are asked for before P x V below. Both at once here bunched ~220 line
-      // requests at the chunk's start, which stalled the transposition behind them: with
-      // V's requests moved, B = 16 runs 10-30% faster at Lq = 2-8 (Lq = 1 about even).
+      // the K rows three chunks ahead, a key vector's share per step of the transposition
+      // (V's rows are left to the hardware prefetcher: see P x V below).
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
@@ -704,7 +702,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
 
     // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above
-    prefetch_rows(v_all, bh * Lk + c0 + 3 * CW, CW, rows_all, Dv);  // three chunks ahead
+    // No software prefetch of V here: the chunk's ~144 line requests at once stalled on the
+    // line fill buffers (perf: ~30% of the B = 1 cycles on the instruction after them), and
+    // without them (the hardware prefetcher follows the V rows) B = 1 Lk = 729 Lq = 2 went
+    // from ~0.145 to ~0.126 ms, B = 16 Lq = 2 from ~2.5 to ~2.3 ms (2 threads, 3 rounds).
     const int64_t pg = group_len(R, kPvQ);
     for (int64_t qa = 0; qa < R; qa += pg) {
       const int qg = int(std::min<int64_t>(pg, R - qa));
