@@ -597,11 +597,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes) {
-      // the K rows three chunks ahead, a key vector's share per step of the transposition
-      // (V's rows are left to the hardware prefetcher: see P x V below).
+      // the K and V rows three chunks ahead, a key vector's share per step of the
+      // transposition (spread out: see P x V below). With V's share added here, B = 16
+      // Lq = 1 went from ~2.95 to ~2.56 ms on AMD EPYC Zen 4 (2 threads, 3 interleaved
+      // rounds; B = 1 unchanged).
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
+        prefetch_rows(v_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dv);
       });
     }
     if (kSame && v_overlap) {
@@ -721,9 +724,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 
     // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above
     // No software prefetch of V here: the chunk's ~144 line requests at once stalled on the
-    // line fill buffers (perf: ~30% of the B = 1 cycles on the instruction after them), and
-    // without them (the hardware prefetcher follows the V rows) B = 1 Lk = 729 Lq = 2 went
-    // from ~0.145 to ~0.126 ms, B = 16 Lq = 2 from ~2.5 to ~2.3 ms (2 threads, 3 rounds).
+    // line fill buffers (Sapphire Rapids, perf: ~30% of the B = 1 cycles on the instruction
+    // after them); without them B = 1 Lk = 729 Lq = 2 went from ~0.145 to ~0.126 ms, B = 16
+    // Lq = 2 from ~2.5 to ~2.3 ms (2 threads, 3 rounds). V is prefetched during the
+    // transposition above instead, a few rows per step.
     const int64_t pg = group_len(R, kPvQ);
     for (int64_t qa = 0; qa < R; qa += pg) {
       const int qg = int(std::min<int64_t>(pg, R - qa));
