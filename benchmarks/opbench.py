@@ -30,6 +30,9 @@ class Provider:
     # fn makes this many calls of the op (launch-bound GPU providers: back-to-back calls timed
     # from the host, or a CUDA graph of calls); the row reports the time per call
     calls: int = 1
+    # Bytes this provider moves when they are not the op's (the interleaved read reference);
+    # its row then reports GB/s of these bytes and no FLOP rate
+    nbytes: Optional[int] = None
 
 
 @dataclass
@@ -49,6 +52,12 @@ class OpCase:
     # more floors of the case (name -> ms), reported next to the main one: every row gets
     # <name>_floor_ms and ratio_to_<name>_floor (e.g. attention's read and compute floors)
     extra_floors: Dict[str, float] = field(default_factory=dict)
+    # A provider that reads a buffer far larger than the last-level cache (the read ceiling's
+    # reduction), timed in this case's own rounds: every row of the case gets
+    # pct_read_interleaved, its GB/s against that provider's. A shared machine's bandwidth
+    # can move by half between the run-start ceiling and the case (measured: 32 -> 56 GB/s
+    # on the same VM minutes apart), so the bandwidth bars use this one where it ran.
+    read_provider: Optional[str] = None
 
 
 # fused backends timed besides "auto" on each device type
@@ -81,6 +90,12 @@ def warm_compiled(provider: Provider) -> Provider:
     provider.fn()
     provider.compile_s = time.perf_counter() - t0
     return provider
+
+
+def nbytes_of(case: OpCase, provider: str) -> int:
+    """Bytes ``provider`` of ``case`` moves (its own, else the op's)."""
+    p = next(p for p in case.providers if p.name == provider)
+    return p.nbytes if p.nbytes is not None else (case.bytes or 0)
 
 
 def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None) -> List[Row]:
@@ -118,15 +133,16 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
         row["status"] = "ok"
         row.update(timing_fields(t))
         secs = t.median_ms * 1e-3
-        flops = p.flops if p.flops is not None else case.flops
+        flops = p.flops if p.flops is not None else (case.flops if p.nbytes is None else None)
         if flops:
             row["flops"] = flops
             row["gflops"] = flops / secs / 1e9
             if ceil is not None:
                 row["pct_matmul_ceiling"] = 100.0 * row["gflops"] / ceil.matmul_gflops
-        if case.bytes and p.flops is None:
-            row["bytes"] = case.bytes
-            row["gbps"] = case.bytes / secs / 1e9
+        nbytes = p.nbytes if p.nbytes is not None else (case.bytes if p.flops is None else None)
+        if nbytes:
+            row["bytes"] = nbytes
+            row["gbps"] = nbytes / secs / 1e9
             if ceil is not None:
                 row["pct_copy_ceiling"] = 100.0 * row["gbps"] / ceil.copy_gbps
                 if ceil.read_gbps:
@@ -138,6 +154,11 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
         for fname, fms in case.extra_floors.items():
             row[f"{fname}_floor_ms"] = fms
             row[f"ratio_to_{fname}_floor"] = t.median_ms / fms if fms > 0 else None
+        read = case.read_provider
+        if read is not None and read in timings and row.get("gbps"):
+            read_gbps = nbytes_of(case, read) / (timings[read].median_ms * 1e-3) / 1e9
+            row["read_interleaved_gbps"] = read_gbps
+            row["pct_read_interleaved"] = 100.0 * row["gbps"] / read_gbps
         if fused_ms:
             # > 1: the fused op is that many times faster than this provider
             row["fused_speedup"] = t.median_ms / fused_ms

@@ -21,6 +21,11 @@ Providers, timed in the same interleaved rounds:
                    so its faster backends can run; padding done once outside the timing
   flex             torch.compile(flex_attention), where it runs (forward only on CPU)
   compile          torch.compile of the reference (compile time reported, not timed)
+  read             CPU forward, the two bandwidth-bar cases: the read ceiling's reduction
+                   (sum of a buffer far larger than the cache) in the case's own rounds; every
+                   row of the case then carries ``pct_read_interleaved`` (its GB/s against
+                   this one's), which the bandwidth bars use: on a shared machine the read
+                   rate moved from 32 to 56 GB/s between two runs minutes apart
 Bytes: forward q + k + v + out; forward+backward adds q, k, v, out, dout read again and dq,
 dk, dv written. FLOPs come from the op's registered formulas through FlopCounterMode.
 """
@@ -39,6 +44,8 @@ from .opbench import OpCase, Provider, fused_providers, run_case, warm_compiled
 SECTION = "ops/attention"
 H, LQ, DK, DV = 32, 9, 18, 36
 DK_PAD, DV_PAD = 24, 40
+# (B, Lk, Lq) of the CPU bars "moves >= 60% of read bandwidth" (bars.py)
+BANDWIDTH_BAR_CASES = ((16, 729, LQ), (4, 3645, LQ))
 
 
 def sweep(cfg: RunConfig, mode: str) -> List[Tuple[int, int, int]]:
@@ -222,6 +229,17 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
         _fwd_bwd(lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=scale), [qp, kp, vp],
                  goutp) if grad else sdpa_padded,
         note=f"q/k padded to {DK_PAD}, v to {DV_PAD} (padding not timed)"))
+    read_provider = None
+    if (dev.type == "cpu" and mode == "fwd" and (B, Lk, Lq) in BANDWIDTH_BAR_CASES
+            and cfg.ceilings is not None):
+        # the read ceiling's reduction, in this case's rounds (OpCase.read_provider)
+        buf = torch.empty(cfg.ceilings.copy_bytes // 4, dtype=torch.float32,
+                          device=dev).uniform_()
+        read_provider = "read"
+        providers.append(Provider(
+            read_provider, lambda: buf.sum(), nbytes=buf.numel() * buf.element_size(),
+            note=f"the read ceiling's src.sum() over {buf.numel() * 4 >> 20} MB, timed in this "
+                 "case's rounds (its GB/s: that buffer's)"))
     why_not = _compile_here(cfg, B, Lk, mode, Lq)
     if why_not is not None:
         unavailable["flex"] = why_not
@@ -265,7 +283,7 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
     return OpCase(section=SECTION, case=f"B{B}-Lk{Lk}" + ("" if Lq == LQ else f"-Lq{Lq}"),
                   mode=mode, params=params, providers=providers, flops=flops, bytes=nbytes,
                   floor_ms=floor_ms, floor_name="bytes / copy bandwidth",
-                  unavailable=unavailable, extra_floors=extra)
+                  unavailable=unavailable, extra_floors=extra, read_provider=read_provider)
 
 
 def cases(cfg: RunConfig) -> List[Case]:

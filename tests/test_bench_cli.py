@@ -272,6 +272,42 @@ def test_bars_pass_fail_and_missing():
     assert bars.evaluate(rows, "cuda", "float32") == []
 
 
+def test_read_reference_in_the_case_rounds(monkeypatch):
+    """A case's read provider (OpCase.read_provider) is timed with the others; its row reports
+    its own bytes' GB/s and no FLOP rate, and every row gets its GB/s against that one."""
+    import time
+
+    from benchmarks.common import RunConfig
+    from benchmarks.opbench import OpCase, Provider, run_case
+
+    case = OpCase(section="ops/attention", case="c", mode="fwd", params={"B": 16},
+                  providers=[Provider("fused", lambda: time.sleep(0.004)),
+                             Provider("read", lambda: time.sleep(0.002), nbytes=4_000_000)],
+                  flops=10 ** 9, bytes=1_000_000, read_provider="read")
+    cfg = RunConfig(device=torch.device("cpu"), dtype=torch.float32,
+                    budget=timing.Budget(min_rounds=3, max_rounds=3, seconds=0.0,
+                                         min_sample_s=0.0))
+    rows = {r["provider"]: r for r in run_case(case, cfg)}
+    fused, read = rows["fused"], rows["read"]
+    assert read["bytes"] == 4_000_000 and "gflops" not in read and fused["bytes"] == 1_000_000
+    assert read["gbps"] == pytest.approx(4e6 / (read["median_ms"] * 1e-3) / 1e9)
+    assert fused["read_interleaved_gbps"] == pytest.approx(read["gbps"])
+    assert fused["pct_read_interleaved"] == pytest.approx(100 * fused["gbps"] / read["gbps"])
+    assert read["pct_read_interleaved"] == pytest.approx(100.0)
+
+
+def test_bandwidth_bar_prefers_the_read_timed_in_the_case():
+    p = dict(B=16, Lk=729, Lq=9)
+    row = _row("ops/attention", "fused", 4.0, **p, pct_read_ceiling=45.0)
+    bar = "attention fwd B=16 Lk=729: moves >= 60% of read bandwidth"
+    v = {b["bar"]: b for b in bars.evaluate([row], "cpu", "float32")}[bar]
+    assert v["status"] == "FAIL" and v["measured"] == "45%" and v["note"] == ""
+    row.update(pct_read_interleaved=72.0, read_interleaved_gbps=20.0)
+    v = {b["bar"]: b for b in bars.evaluate([row], "cpu", "float32")}[bar]
+    assert v["status"] == "pass" and v["measured"] == "72%"
+    assert "20.0 GB/s" in v["note"] and "45% of the run-start ceiling" in v["note"]
+
+
 def test_gpu_bars_per_backend_launch_and_model():
     """Issue 13's bars: each fused backend against the GEMM whichever one auto picked, the
     B = 1 times of the launch-bound rows, and the 3.2B prefill speed-up from the model rows."""
