@@ -46,6 +46,10 @@ class Dispatcher:
         self.order = dict(DEFAULT_ORDER if order is None else order)
         self._reasons: Dict[str, ReasonsFn] = {}
         self._auto_cache: Dict[Hashable, str] = {}
+        # backends whose reasons depend only on (device type, dtype, facts) and the build,
+        # never on the environment: a named one that could run is answered from _named_ok
+        self._stable: set = set()
+        self._named_ok: set = set()
         self._rules: Dict[str, OrderRule] = {}
 
     def set_order(self, device_type: str, order: Sequence[str] | OrderRule) -> None:
@@ -58,11 +62,16 @@ class Dispatcher:
             self.order[device_type] = tuple(order)
         self._auto_cache.clear()
 
-    def register(self, name: str, reasons: ReasonsFn) -> None:
+    def register(self, name: str, reasons: ReasonsFn, stable: bool = False) -> None:
+        """``reasons``: why ``name`` cannot run a problem. ``stable``: they depend only on the
+        device type, dtype and facts and on what is installed (not on environment variables),
+        so that a call naming this backend may be answered from a cache once it could run."""
         if name not in _env.BACKENDS or name == "auto":
             raise ValueError(f"unknown backend name {name!r}")
         self._reasons[name] = reasons
+        (self._stable.add if stable else self._stable.discard)(name)
         self._auto_cache.clear()
+        self._named_ok.clear()
 
     @property
     def backends(self) -> Tuple[str, ...]:
@@ -98,6 +107,8 @@ class Dispatcher:
             hit = self._auto_cache.get(key)
             if hit is not None:
                 return hit
+        elif (requested, key) in self._named_ok:  # a validated, stable name that could run
+            return requested
         facts = dict(facts_items)
         if not isinstance(requested, str):
             raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
@@ -113,6 +124,8 @@ class Dispatcher:
                     f"{self.op}: backend {requested!r} cannot run this input: " + "; ".join(why)
                     + " (use backend='auto' to pick one that can)"
                 )
+            if requested in self._stable:
+                self._named_ok.add((requested, key))
             return requested
         tried: List[str] = []
         for name in self._order_for(device, facts):

@@ -184,9 +184,10 @@ class FusedOp:
         self._backward_impl: Callable[..., Any] = forward_unset
         self._eager_autograd: Any = None
         self.backward_op: Any = None
-        self.dispatcher.register("reference", reference_reasons)
+        self.dispatcher.register("reference", reference_reasons, stable=True)
         self.dispatcher.register(
-            "cpu", self._needs_module("cpu", cpu_reasons_for(f"flashsloth_kernels.{folder}._C")))
+            "cpu", self._needs_module("cpu", cpu_reasons_for(f"flashsloth_kernels.{folder}._C")),
+            stable=True)
         self.dispatcher.register("triton", self._needs_module("triton", triton_reasons))
         self.dispatcher.register("cuda", self._needs_module(
             "cuda", cuda_reasons_needing_triton_backward))

@@ -206,3 +206,48 @@ def test_cuda_auto_order_per_op_and_size():
     assert not attn_op._large(q, torch.empty(8, 32, 729, 18, device="meta")[:1])
     assert attn_op._large(torch.empty(8, 32, 9, 18, device="meta"),
                           torch.empty(8, 32, 3645, 18, device="meta"))
+
+
+def test_named_backend_cache_only_for_stable_backends():
+    """A call naming a stable backend (reasons from device, dtype, facts and the build only) is
+    answered from a cache once it could run; one whose reasons read the environment (Triton:
+    TRITON_INTERPRET) is asked every time, and a refusal is never cached."""
+    from flashsloth_kernels._dispatch import BackendUnavailableError, Dispatcher
+
+    calls = {"cpu": 0, "triton": 0}
+    verdict = {"cpu": [], "triton": []}
+
+    def reasons_of(name):
+        def fn(device, dtype, **facts):
+            calls[name] += 1
+            return list(verdict[name])
+        return fn
+
+    d = Dispatcher("scaffold_test_op")
+    try:
+        d.register("cpu", reasons_of("cpu"), stable=True)
+        d.register("triton", reasons_of("triton"))
+        dev = torch.device("cpu")
+        for _ in range(3):
+            assert d.select("cpu", dev, torch.float32, large=False) == "cpu"
+            assert d.select("triton", dev, torch.float32, large=False) == "triton"
+        assert calls == {"cpu": 1, "triton": 3}
+        # other facts or dtype: asked again; a refusal is raised and not cached
+        verdict["cpu"] = ["no"]
+        with pytest.raises(BackendUnavailableError, match="no"):
+            d.select("cpu", dev, torch.float64, large=False)
+        with pytest.raises(BackendUnavailableError, match="no"):
+            d.select("cpu", dev, torch.float64, large=False)
+        assert d.select("cpu", dev, torch.float32, large=False) == "cpu"
+        assert calls["cpu"] == 3
+        verdict["triton"] = ["TRITON_INTERPRET is off"]
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+            d.select("triton", dev, torch.float32, large=False)
+        # registering again forgets what was cached
+        d.register("cpu", reasons_of("cpu"), stable=True)
+        with pytest.raises(BackendUnavailableError, match="no"):
+            d.select("cpu", dev, torch.float32, large=False)
+    finally:
+        from flashsloth_kernels import _dispatch
+
+        _dispatch.DISPATCHERS.pop("scaffold_test_op", None)
