@@ -86,13 +86,15 @@ def cpu_pool_mb() -> int:
     return n
 
 
-CPU_ISAS = ("auto", "avx512", "avx2", "baseline")
+CPU_ISAS = ("auto", "avx512bf16", "avx512", "avx2", "baseline")
 
 
 def cpu_isa() -> str:
     """FLASHSLOTH_CPU_ISA: the instruction-set variant of the C++ CPU kernels.
 
-    "auto" (default) runs the widest variant the CPU supports; "avx512", "avx2" or "baseline"
+    "auto" (default) runs the widest variant the CPU supports; "avx512bf16" (AVX-512 with
+    AVX512-BF16: the attention's bf16 forward computes its scores with vdpbf16ps; SAP runs its
+    avx512 kernels under this name), "avx512", "avx2" or "baseline"
     force one (a variant the CPU cannot run is an error when a kernel is called). Forcing
     "avx2" or "baseline" also keeps the SAP kernel off oneDNN's 16-bit GEMMs, which need
     AVX-512, so every CPU-dependent path of both ops can be tested on one machine.

@@ -511,7 +511,7 @@ def test_cpu_isa_env_var_forces_each_variant(monkeypatch):
         monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "sse9")
         with pytest.raises(ValueError, match="FLASHSLOTH_CPU_ISA='sse9' is not an instruction-set variant"):
             query_patch_attention(*make_inputs(1, 1, 2, 3, 4, 4)[:3], backend="cpu")
-        missing = [i for i in ("avx512", "avx2") if i not in supported]
+        missing = [i for i in ("avx512bf16", "avx512", "avx2") if i not in supported]
         if missing:
             monkeypatch.setenv("FLASHSLOTH_CPU_ISA", missing[0])
             with pytest.raises(ValueError, match="cannot run that variant"):

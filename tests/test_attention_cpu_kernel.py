@@ -142,6 +142,32 @@ def test_huge_finite_scores_stay_accurate():
     # ill-conditioned in any fp32 kernel, so not compared here)
 
 
+@pytest.mark.parametrize("case", ["subnormal-q", "huge-q", "subnormal-k"])
+@pytest.mark.parametrize("Lq,Dk", [(9, 18), (9, 7), (17, 13)])
+def test_bf16_values_near_the_limits(case, Lq, Dk):
+    """bf16 subnormals and huge values in q / k. On AVX512-BF16 machines the bf16 forward's
+    scores run on vdpbf16ps, which reads subnormals as 0: a unit whose q holds a subnormal or
+    a value above 2^64 takes the converting path instead (a subnormal q times a huge k
+    contributes O(1) to a score), and a subnormal k next to moderate q loses < 2^-62 per
+    score. Every variant must match the float64 reference either way."""
+    torch.manual_seed(7)
+    q, k, v, _ = _inputs(2, 3, Lq, 50, Dk, 36, torch.float32, False)
+    if case == "subnormal-q":  # q's first dim 2^-127 (subnormal) times k's 2^126 .. 2^127
+        q[..., 0], k[..., 0] = 2.0 ** -127, 2.0 ** 126 * (1 + torch.rand(k.shape[:-1]))
+    elif case == "huge-q":  # 2^70 x 2^-70 terms
+        q[..., 0], k[..., 0] = 2.0 ** 70, 2.0 ** -70 * torch.randn(k.shape[:-1])
+    else:
+        k[..., 0] = 2.0 ** -130
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    assert (q.float() != 0).any() and torch.isfinite(q.float() * 1).all()
+    # dim 0's 0.5 .. 1 per key then moves each score by 2 .. 4; no term-size floor in the
+    # tolerance (k's 2^126 would make it useless): a path that read the subnormal q as 0 is off
+    # by ~1.1 in out here (measured by switching the gate off), the others by ~0.008
+    scale = 4.0
+    out, lse = fused_cpu.attn_fwd(q, k, v, None, scale)
+    _forward_close(out, lse, q, k, v, None, scale, magnitudes=False)
+
+
 def test_gradcheck_float64():
     q = torch.randn(2, 2, 3, 7, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 20, 7, dtype=torch.float64, requires_grad=True)
@@ -156,7 +182,7 @@ def test_gradcheck_float64():
 
 
 def test_isa_is_reported():
-    assert fused_cpu.isa() in ("avx512", "avx2", "baseline")
+    assert fused_cpu.isa() in ("avx512bf16", "avx512", "avx2", "baseline")
 
 
 def test_no_score_sized_tensor_in_memory():

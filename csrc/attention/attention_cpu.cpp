@@ -66,6 +66,19 @@ namespace avx512 {
 #undef FS_VEC_BYTES
 }  // namespace avx512
 #pragma GCC pop_options
+
+// AVX-512 plus AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later): the
+// avx512 kernels, with the bf16 forward's scores by vdpbf16ps (FS_BF16_DOT)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,avx2,fma")
+namespace avx512bf16 {
+#define FS_VEC_BYTES 64
+#define FS_BF16_DOT 1
+#include "attention_cpu_kernels.h"
+#undef FS_BF16_DOT
+#undef FS_VEC_BYTES
+}  // namespace avx512bf16
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -84,6 +97,7 @@ struct Kernels {
 cpu_isa::IsaTable<Kernels>& isa_table() {
   static cpu_isa::IsaTable<Kernels> t("query_patch_attention", {
 #if FS_X86_VARIANTS
+      {"avx512bf16", avx512bf16::fwd_unit, avx512bf16::bwd_unit},
       {"avx512", avx512::fwd_unit, avx512::bwd_unit},
       {"avx2", avx2::fwd_unit, avx2::bwd_unit},
 #endif

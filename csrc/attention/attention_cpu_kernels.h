@@ -477,6 +477,59 @@ static inline Vec<A> score_qlanes(const A* qt, const A* kbase, const int32_t* ko
   return mx;
 }
 
+#if FS_BF16_DOT
+// score_qlanes for bf16 inputs with AVX512-BF16: K rows read in place as bf16 pairs (dims
+// 2p, 2p + 1 broadcast as one dword), qt2 the block's q as bf16 pairs (Dk / 2 rounded up rows
+// of W dwords; an odd Dk's last pair holds q's last dim and 0), one vdpbf16ps per pair: half
+// the FMAs of score_qlanes and no conversion of K. Products of two bf16 are exact in fp32 and
+// accumulate in fp32; vdpbf16ps treats subnormal inputs as 0 and flushes subnormal results,
+// so the caller takes this path only for query blocks without subnormals and with
+// |q| <= 2^64 (a subnormal k then changes a score by < 2^-62: nothing in fp32 at any score).
+template <int G>
+static inline Vec<float> score_qlanes_bf16(const uint32_t* qt2, const c10::BFloat16* kbase,
+                                           const int32_t* koff, int64_t Dk, float scale,
+                                           float* out, Vec<float> mx) {
+  constexpr int W = lanes<float>();
+  __m512 acc[G];
+  const uint16_t* kr[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g] = _mm512_setzero_ps();
+    kr[g] = reinterpret_cast<const uint16_t*>(kbase + koff[g]);
+  }
+  const int64_t np = Dk / 2;
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qt2 + p * W);
+    for (int g = 0; g < G; ++g) {
+      uint32_t kk;
+      std::memcpy(&kk, kr[g] + 2 * p, 4);
+      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32(int(kk)), qv);
+    }
+  }
+  if (Dk % 2) {  // the last dim alone: its pair's upper half is 0 in both operands
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qt2 + np * W);
+    for (int g = 0; g < G; ++g)
+      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32(int(kr[g][Dk - 1])), qv);
+  }
+  for (int g = 0; g < G; ++g) {
+    const Vec<float> sg = (Vec<float>)acc[g] * scale;
+    const Vec<float> s = sg + 0.0f * sg;
+    vstore(out + g * W, s);
+    mx = vmax<float>(mx, s);  // may drop a NaN: the caller makes the row NaN from its sum
+  }
+  return mx;
+}
+
+// Whether a query block may take score_qlanes_bf16: no subnormal, every |q| <= 2^64 (NaN and
+// inf take the converting path).
+static inline bool bf16_dot_ok(const c10::BFloat16* q, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    const uint16_t a = q[e].x & 0x7FFF;
+    if ((a != 0 && a < 0x0080) || a > 0x5F80) return false;  // 0x5F80: 2^64
+  }
+  return true;
+}
+#endif
+
 // Query groups of at most `most` rows, balanced (9 rows, most 8: 5 + 4, not 8 + 1).
 static inline int64_t group_len(int64_t R, int64_t most) {
   const int64_t ng = (R + most - 1) / most;
@@ -533,14 +586,24 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   // the softmax needs no horizontal reductions. P x V keeps its value lanes either way.
   const int64_t nqb = (R + W - 1) / W, RW = nqb * W;
   const bool qlanes = 2 * R > RW;
+  // bf16 with AVX512-BF16: query-lane scores by vdpbf16ps straight from the bf16 K rows
+  // (score_qlanes_bf16; the unit's queries must allow it: bf16_dot_ok)
+  [[maybe_unused]] constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
+  bool bf16dot = false;
+#if FS_BF16_DOT
+  if constexpr (kBf16) bf16dot = qlanes && bf16_dot_ok(q, R * Dk);
+#endif
+  const int64_t npair = (Dk + 1) / 2;
 
   const int64_t ostride = Dvp;
   const int64_t n_qf = (R * Dk + W - 1) / W * W, n_kt = qlanes ? 0 : Dk * CW;
   const int64_t n_qt = qlanes ? nqb * Dk * W : 0, n_st = RW * CW, n_ot = R * ostride;
   const int64_t n_l = R * W;  // >= RW
-  const int64_t n_kb = kSame ? 0 : CW * Dk, n_vb = (kSame && v_overlap) ? 0 : CW * Dvp;
+  const int64_t n_kb = (kSame || bf16dot) ? 0 : CW * Dk;
+  const int64_t n_vb = (kSame && v_overlap) ? 0 : CW * Dvp;
+  const int64_t n_qt2 = bf16dot ? nqb * npair * W : 0;  // 32-bit words (A is float then)
   A* qf = scratch<A>(n_qf + n_kt + n_qt + n_st + n_ot + n_l + 2 * RW + n_kb + n_vb + Dvp +
-                     8 * W);
+                     n_qt2 + 8 * W);
   A* kt = qf + n_qf;
   A* qt = kt + n_kt;
   A* st = qt + n_qt;
@@ -551,6 +614,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   A* kb = alpha + RW;
   A* vb = kb + n_kb;
   A* orow = vb + n_vb;  // one output row, gathered from the value vectors
+  uint32_t* qt2 = reinterpret_cast<uint32_t*>(orow + Dvp);  // bf16 pairs (bf16dot)
   int32_t idx[CW];
   int32_t koff[CW];
   const A* vrows[CW];
@@ -560,6 +624,13 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     std::fill(qt, qt + n_qt, A(0));  // padded lanes: q = 0, finite scores, never output
     for (int64_t i = 0; i < R; ++i)
       for (int64_t d = 0; d < Dk; ++d) qt[((i / W) * Dk + d) * W + i % W] = qf[i * Dk + d];
+  }
+  if (bf16dot) {
+    std::fill(qt2, qt2 + n_qt2, 0u);  // padded lanes and an odd Dk's last upper half: 0
+    const uint16_t* qb16 = reinterpret_cast<const uint16_t*>(q);
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t d = 0; d < Dk; ++d)
+        qt2[((i / W) * npair + d / 2) * W + i % W] |= uint32_t(qb16[i * Dk + d]) << (16 * (d % 2));
   }
   std::fill(ot, ot + n_ot, A(0));
   std::fill(lv, lv + n_l, A(0));
@@ -577,9 +648,11 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     // K^T of the attended keys (lanes past nv repeat the first key; their scores are
     // replaced by -inf below, so every lane reads an attended row). Masked rows are never
     // read: a chunk with masked keys converts only its attended rows.
-    const A* ksrc;
+    const A* ksrc = nullptr;
     if constexpr (kSame) {
       ksrc = reinterpret_cast<const A*>(k + c0 * Dk);
+      for (int c = 0; c < nkv * W; ++c) koff[c] = idx[c < nv ? c : 0] * int32_t(Dk);
+    } else if (bf16dot) {  // the bf16 rows in place: koff into k + c0 * Dk
       for (int c = 0; c < nkv * W; ++c) koff[c] = idx[c < nv ? c : 0] * int32_t(Dk);
     } else {
       if (dense) {
@@ -630,6 +703,17 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         const A* qtb = qt + qb * Dk * W;
         // scores are never -inf (s + 0 * s), so -inf seeds the max
         V mx = vset(ninf);
+        // G keys' scores from koff + j
+        auto score = [&](auto g_const, int j, V m) -> V {
+          constexpr int G = decltype(g_const)::value;
+#if FS_BF16_DOT
+          if constexpr (kBf16)
+            if (bf16dot)
+              return score_qlanes_bf16<G>(qt2 + qb * npair * W, k + c0 * Dk, koff + j, Dk,
+                                          scale, stq + j * W, m);
+#endif
+          return score_qlanes<A, G>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, m);
+        };
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
           if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
@@ -637,11 +721,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
             prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
             prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
           }
-          mx = score_qlanes<A, 8>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
+          mx = score(std::integral_constant<int, 8>{}, j, mx);
         }
-        for (; j + 4 <= nv; j += 4)
-          mx = score_qlanes<A, 4>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
-        for (; j < nv; ++j) mx = score_qlanes<A, 1>(qtb, ksrc, koff + j, Dk, scale, stq + j * W, mx);
+        for (; j + 4 <= nv; j += 4) mx = score(std::integral_constant<int, 4>{}, j, mx);
+        for (; j < nv; ++j) mx = score(std::integral_constant<int, 1>{}, j, mx);
         const V mold = vload(mb + qb * W);
         const V mnew = vmax_nan<A>(mold, mx);
         const V al = vexp2((mold - mnew) * log2e);  // 0 while mold is -inf

@@ -25,12 +25,15 @@
 namespace flashsloth {
 namespace cpu_isa {
 
-// Whether this CPU runs the variant named `isa` ("avx512": AVX-512F + AVX2 + FMA, "avx2":
-// AVX2 + FMA, "baseline": always).
+// Whether this CPU runs the variant named `isa` ("avx512bf16": AVX-512F + AVX512-BF16 + AVX2 +
+// FMA, "avx512": AVX-512F + AVX2 + FMA, "avx2": AVX2 + FMA, "baseline": always).
 inline bool cpu_runs(const std::string& isa) {
 #if FS_X86_VARIANTS
   __builtin_cpu_init();
   const bool fma = __builtin_cpu_supports("fma"), avx2 = __builtin_cpu_supports("avx2");
+  if (isa == "avx512bf16")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && avx2 &&
+           fma;
   if (isa == "avx512") return __builtin_cpu_supports("avx512f") && avx2 && fma;
   if (isa == "avx2") return avx2 && fma;
 #endif

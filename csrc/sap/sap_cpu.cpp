@@ -76,6 +76,9 @@ struct Kernels {
 cpu_isa::IsaTable<Kernels>& kernels() {
   static cpu_isa::IsaTable<Kernels> t("spatial_attention_pool", {
 #if FS_X86_VARIANTS
+      // SAP has no AVX512-BF16 code (its 16-bit GEMMs are oneDNN's): the name is shared by
+      // every op, so FLASHSLOTH_CPU_ISA=avx512bf16 runs SAP's avx512 kernels
+      {"avx512bf16", avx512::fwd_range, avx512::bwd_range},
       {"avx512", avx512::fwd_range, avx512::bwd_range},
       {"avx2", avx2::fwd_range, avx2::bwd_range},
 #endif

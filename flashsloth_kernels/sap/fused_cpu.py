@@ -50,7 +50,7 @@ _isa = _ext.IsaSwitch("flashsloth_kernels.sap._C", "spatial_attention_pool")
 def _lowp_gemm(dtype: torch.dtype) -> bool:
     """Whether the backward's GEMMs may run in ``dtype`` (bfloat16 / float16): oneDNN has a fast
     GEMM in it on this CPU, and FLASHSLOTH_CPU_ISA does not force a variant below AVX-512."""
-    return _env.cpu_isa() in ("auto", "avx512") and _compat.mkldnn_fast_gemm(dtype)
+    return _env.cpu_isa() in ("auto", "avx512bf16", "avx512") and _compat.mkldnn_fast_gemm(dtype)
 
 
 def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -89,8 +89,9 @@ def pool_stats() -> dict:
 
 
 def isa() -> str:
-    """The instruction set the elementwise passes run with: "avx512", "avx2" or "baseline" (the
-    widest this CPU supports, or the one FLASHSLOTH_CPU_ISA forces). The GEMMs are ATen's."""
+    """The instruction set the elementwise passes run with: "avx512bf16" (the avx512 passes
+    under the name every op shares), "avx512", "avx2" or "baseline" (the widest this CPU
+    supports, or the one FLASHSLOTH_CPU_ISA forces). The GEMMs are ATen's."""
     return _isa.current()
 
 
