@@ -146,6 +146,8 @@ def evaluate(rows: List[Row], device_type: str, dtype: str,
                               att, "fwd+bwd", "eager", "fused", 1.5, "ge", p16))
         out.append(_ratio_bar(rows, "attention fwd B=16 Lk=729: bf16 faster than fp32", att,
                               "fwd", "fused", "fused-bf16", 1.0, "ge", p16))
+        out.append(_ratio_bar(rows, "attention fwd B=16 Lk=729: fp16 no slower than fp32", att,
+                              "fwd", "fused", "fused-fp16", 1.0, "ge", p16))
         for r in rows:
             if r.get("section") != att or r.get("mode") != "fwd" or r.get("provider") != "fused":
                 continue

@@ -12,6 +12,7 @@ Providers, timed in the same interleaved rounds:
   fused            query_patch_attention, backend "auto" (the backend it picked is recorded)
   fused-bf16       CPU fp32 runs, forward B = 16 Lk = 729: the same op on bf16 copies of the
                    inputs (half the bytes; the issue's bar: faster than the fp32 forward)
+  fused-fp16       the same on fp16 copies (the issue: at least as fast as fp32)
   fused-<backend>  every other fused backend that can run here (GPU: triton, cuda)
   fused-host       GPU, B = 1 forward: back-to-back calls timed from the host, launch included
   fused-graph      GPU, B = 1 forward: the same calls replayed from one CUDA graph
@@ -203,11 +204,13 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
         dev.type)
     providers.extend(fused)
     if dev.type == "cpu" and dt == torch.float32 and mode == "fwd" and (B, Lk, Lq) == (16, 729, LQ):
-        qb, kb, vb = (t.detach().to(torch.bfloat16) for t in (q, k, v))
-        providers.append(Provider(
-            "fused-bf16", lambda: query_patch_attention(qb, kb, vb, scale=scale),
-            backend=dispatcher.select(None, dev, torch.bfloat16),
-            note="the fused op on bf16 copies of the inputs (half the bytes)"))
+        for half in (torch.bfloat16, torch.float16):
+            qh, kh, vh = (t.detach().to(half) for t in (q, k, v))
+            name = "fused-" + {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
+            providers.append(Provider(
+                name, lambda qh=qh, kh=kh, vh=vh: query_patch_attention(qh, kh, vh, scale=scale),
+                backend=dispatcher.select(None, dev, half),
+                note=f"the fused op on {name[6:]} copies of the inputs (half the bytes)"))
     if cfg.on_gpu and not grad and B == 1:
         providers.extend(launch_bound_providers(
             lambda: query_patch_attention(q, k, v, scale=scale), auto))

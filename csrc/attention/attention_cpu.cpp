@@ -50,7 +50,7 @@ namespace baseline {
 
 #if FS_X86_VARIANTS
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #define FS_VEC_BYTES 32
 #include "attention_cpu_kernels.h"

@@ -173,13 +173,33 @@ static A* scratch(int64_t n) {
   return reinterpret_cast<A*>(p);
 }
 
+// dst[e] = src[e] in the accumulation type for e < n. fp16 by the hardware conversion where
+// the variant has it (vcvtph2ps: AVX-512F, F16C with AVX2; exact, subnormals and NaN
+// included): c10's branch-free software conversion, ~12 vector instructions per vector, had
+// made the fp16 forward ~23% slower than the fp32 one on Zen 4.
+template <typename T, typename A>
+static inline void load_row(A* dst, const T* src, int64_t n) {
+  int64_t e = 0;
+  if constexpr (std::is_same<T, c10::Half>::value && std::is_same<A, float>::value) {
+#if FS_VEC_BYTES == 64
+    for (; e + 16 <= n; e += 16)
+      _mm512_storeu_ps(dst + e, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                    reinterpret_cast<const __m256i*>(src + e))));
+#elif FS_VEC_BYTES == 32
+    for (; e + 8 <= n; e += 8)
+      _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(
+                                    reinterpret_cast<const __m128i*>(src + e))));
+#endif
+  }
+  for (; e < n; ++e) dst[e] = load_elem(src + e);
+}
+
 template <typename T, typename A>
 static inline const A* chunk_rows(const T* src, int64_t rows, int64_t cols, A* buf) {
   if constexpr (std::is_same<T, A>::value) {
     return src;
   } else {
-    const int64_t n = rows * cols;
-    for (int64_t e = 0; e < n; ++e) buf[e] = load_elem(src + e);
+    load_row(buf, src, rows * cols);
     return buf;
   }
 }
@@ -619,7 +639,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   int32_t koff[CW];
   const A* vrows[CW];
 
-  for (int64_t e = 0; e < R * Dk; ++e) qf[e] = load_elem(q + e);
+  load_row(qf, q, R * Dk);
   if (qlanes) {
     std::fill(qt, qt + n_qt, A(0));  // padded lanes: q = 0, finite scores, never output
     for (int64_t i = 0; i < R; ++i)
@@ -657,12 +677,12 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     } else {
       if (dense) {
         const T* kr = k + c0 * Dk;
-        for (int64_t e = 0; e < kc * Dk; ++e) kb[e] = load_elem(kr + e);
+        load_row(kb, kr, kc * Dk);
       } else {
         for (int c = 0; c < nv; ++c) {
           const T* kr = k + (c0 + idx[c]) * Dk;
           A* dst = kb + c * Dk;
-          for (int64_t d = 0; d < Dk; ++d) dst[d] = load_elem(kr + d);
+          load_row(dst, kr, Dk);
         }
       }
       ksrc = kb;
@@ -684,14 +704,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
     } else if (v_overlap && dense) {
       const T* vr = v + c0 * Dv;
-      for (int64_t e = 0; e < kc * Dv; ++e) vb[e] = load_elem(vr + e);
+      load_row(vb, vr, kc * Dv);
       for (int c = 0; c < nv; ++c) vrows[c] = vb + c * Dv;
     } else {
       const int64_t vs = v_overlap ? Dv : Dvp;
       for (int c = 0; c < nv; ++c) {
         const T* vr = v + (c0 + idx[c]) * Dv;
         A* dst = vb + c * vs;
-        for (int64_t d = 0; d < Dv; ++d) dst[d] = load_elem(vr + d);
+        load_row(dst, vr, Dv);
         for (int64_t d = Dv; d < vs; ++d) dst[d] = A(0);
         vrows[c] = dst;
       }

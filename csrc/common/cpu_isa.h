@@ -30,7 +30,9 @@ namespace cpu_isa {
 inline bool cpu_runs(const std::string& isa) {
 #if FS_X86_VARIANTS
   __builtin_cpu_init();
-  const bool fma = __builtin_cpu_supports("fma"), avx2 = __builtin_cpu_supports("avx2");
+  // F16C (fp16 conversion) comes with every AVX2 CPU; checked since the avx2 variants use it
+  const bool fma = __builtin_cpu_supports("fma"),
+             avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   if (isa == "avx512bf16")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && avx2 &&
            fma;
