@@ -234,7 +234,9 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 //   4. P x V with lanes over the value dims: every V row of the chunk is loaded once per
 //      query group and feeds kPvQ x kPvD FMAs with broadcast p; fp32 V is read in place (a
 //      tail that is not a lane multiple is covered by one vector ending at Dv, overlapping
-//      the previous one), bf16 / fp16 V rows are converted once into a zero-padded buffer.
+//      the previous one); bf16 / fp16 V rows at least a vector wide are read in place too
+//      and converted in registers (vload_as) on AVX2 / AVX-512, narrower ones (and the
+//      baseline's) are converted once into a zero-padded buffer.
 // Lq = 1 costs Dk / W score FMAs per key instead of Dk (the query-lane layout left W - 1
 // lanes idle). When the unit's queries fill more than half of their query blocks of W lanes
 // (Lq = 9 with W = 16), steps 1-3 run with lanes over queries instead (K rows read in place,
@@ -409,12 +411,37 @@ static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, 
   }
 }
 
-// ot[g] (DT value vectors at voff) = ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries.
+// A vector of W elements of type S (A itself, or bf16 / fp16 for float: converted in
+// registers, vcvtph2ps / a shift, so P x V reads 16-bit V rows in place).
+template <typename A, typename S>
+static inline Vec<A> vload_as(const S* p) {
+  if constexpr (std::is_same<S, A>::value) {
+    return vload(p);
+  } else {
+    static_assert(std::is_same<A, float>::value, "16-bit sources accumulate in float");
+#if FS_VEC_BYTES == 64
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm512_cvtph_ps(h);
+    else return (Vec<A>)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif FS_VEC_BYTES == 32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm256_cvtph_ps(h);
+    else return (Vec<A>)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+    Vec<A> v;
+    for (int l = 0; l < lanes<A>(); ++l) v[l] = load_elem(p + l);
+    return v;
+#endif
+  }
+}
+
+// ot[g] (DT value vectors at voff) = ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries,
+// V rows of element type S (A, or bf16 / fp16 read in place and converted in registers).
 // A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
 // sums over interleaved keys instead, added up in a fixed order at the end.
-template <typename A, int QG, int DT>
+template <typename A, typename S, int QG, int DT>
 static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
-                           int64_t js, int nv, const A* const* vrows, const int64_t* voff) {
+                           int64_t js, int nv, const S* const* vrows, const int64_t* voff) {
   constexpr int W = lanes<A>();
   constexpr int KU = QG * DT >= 8 ? 1 : QG * DT >= 4 ? 2 : 4;
   Vec<A> acc[KU][QG][DT];
@@ -424,18 +451,18 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
   int j = 0;
   for (; j + KU <= nv; j += KU)
     for (int u = 0; u < KU; ++u) {
-      const A* vr = vrows[j + u];
+      const S* vr = vrows[j + u];
       Vec<A> vv[DT];
-      for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
+      for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
       for (int g = 0; g < QG; ++g) {
         const Vec<A> pj = vset(pt[g * cw + (j + u) * js]);
         for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
       }
     }
   for (; j < nv; ++j) {
-    const A* vr = vrows[j];
+    const S* vr = vrows[j];
     Vec<A> vv[DT];
-    for (int t = 0; t < DT; ++t) vv[t] = vload(vr + voff[t]);
+    for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
     for (int g = 0; g < QG; ++g) {
       const Vec<A> pj = vset(pt[g * cw + j * js]);
       for (int t = 0; t < DT; ++t) acc[0][g][t] += pj * vv[t];
@@ -451,21 +478,38 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
 
 // p of query g, key j at pt[g * cw + j * js] (key lanes: cw = chunk, js = 1; query lanes:
 // cw = 1, js = W)
-template <typename A, int DT>
+template <typename A, typename S, int DT>
 static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
-                           int64_t js, int nv, const A* const* vrows, const int64_t* voff,
+                           int64_t js, int nv, const S* const* vrows, const int64_t* voff,
                            int qg) {
   switch (qg) {
-    case 1: return pv_tile<A, 1, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 2: return pv_tile<A, 2, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 3: return pv_tile<A, 3, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 4: return pv_tile<A, 4, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 5: return pv_tile<A, 5, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 6: return pv_tile<A, 6, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 7: return pv_tile<A, 7, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 8: return pv_tile<A, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    default: return pv_tile<A, kPvQ, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 1: return pv_tile<A, S, 1, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 2: return pv_tile<A, S, 2, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 3: return pv_tile<A, S, 3, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 4: return pv_tile<A, S, 4, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 5: return pv_tile<A, S, 5, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 6: return pv_tile<A, S, 6, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 7: return pv_tile<A, S, 7, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 8: return pv_tile<A, S, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    default: return pv_tile<A, S, kPvQ, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
   }
+}
+
+// P x V of qg queries over all nd value vectors: three at a time for groups of up to kPv3Q
+// queries, then two, then one.
+template <typename A, typename S>
+static inline void pv_block(A* otq, int64_t ostride, const A* alq, const A* ptq, int64_t cw,
+                            int64_t js, int nv, const S* const* vrows, const int64_t* voff,
+                            int64_t nd, int qg) {
+  constexpr int W = lanes<A>();
+  int64_t t0 = 0;
+  if (qg <= kPv3Q)
+    for (; t0 + 3 <= nd; t0 += 3)
+      pv_rows<A, S, 3>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
+  for (; t0 + 2 <= nd; t0 += 2)
+    pv_rows<A, S, 2>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
+  for (; t0 < nd; ++t0)
+    pv_rows<A, S, 1>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
 }
 
 // Query lanes (used when a query block fills more than half the lanes): scores of G keys for
@@ -596,6 +640,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   // in place. Narrower rows are copied into a zero-padded buffer.
   constexpr bool kSame = std::is_same<T, A>::value;
   const bool v_overlap = Dv >= W;
+  // 16-bit V rows at least a vector wide are read in place by P x V and converted in
+  // registers (vload_as) on AVX2 / AVX-512: no conversion pass through a buffer
+  const bool vdirect = !kSame && v_overlap && FS_VEC_BYTES >= 32;
   const int64_t nd = (Dv + W - 1) / W;  // value vectors per row
   const int64_t Dvp = nd * W;
   int64_t voff[256 / 2 + 1];
@@ -620,7 +667,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const int64_t n_qt = qlanes ? nqb * Dk * W : 0, n_st = RW * CW, n_ot = R * ostride;
   const int64_t n_l = R * W;  // >= RW
   const int64_t n_kb = (kSame || bf16dot) ? 0 : CW * Dk;
-  const int64_t n_vb = (kSame && v_overlap) ? 0 : CW * Dvp;
+  const int64_t n_vb = ((kSame && v_overlap) || vdirect) ? 0 : CW * Dvp;
   const int64_t n_qt2 = bf16dot ? nqb * npair * W : 0;  // 32-bit words (A is float then)
   A* qf = scratch<A>(n_qf + n_kt + n_qt + n_st + n_ot + n_l + 2 * RW + n_kb + n_vb + Dvp +
                      n_qt2 + 8 * W);
@@ -637,7 +684,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   uint32_t* qt2 = reinterpret_cast<uint32_t*>(orow + Dvp);  // bf16 pairs (bf16dot)
   int32_t idx[CW];
   int32_t koff[CW];
-  const A* vrows[CW];
+  const A* vrows[CW];     // V rows in the accumulation type (in place or converted)
+  const T* vrows_t[CW];   // V rows read in place, converted in registers (vdirect)
 
   load_row(qf, q, R * Dk);
   if (qlanes) {
@@ -702,6 +750,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
     if (kSame && v_overlap) {
       for (int c = 0; c < nv; ++c) vrows[c] = reinterpret_cast<const A*>(v + (c0 + idx[c]) * Dv);
+    } else if (vdirect) {
+      for (int c = 0; c < nv; ++c) vrows_t[c] = v + (c0 + idx[c]) * Dv;
     } else if (v_overlap && dense) {
       const T* vr = v + c0 * Dv;
       load_row(vb, vr, kc * Dv);
@@ -777,14 +827,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           A* otq = ot + (r0 + qa) * ostride;
           const A* ptq = stq + qa;
           const A* alq = alpha + r0 + qa;
-          int64_t t0 = 0;
-          if (qg <= kPv3Q)
-            for (; t0 + 3 <= nd; t0 += 3)
-              pv_rows<A, 3>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
-          for (; t0 + 2 <= nd; t0 += 2)
-            pv_rows<A, 2>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
-          for (; t0 < nd; ++t0)
-            pv_rows<A, 1>(otq + t0 * W, ostride, alq, ptq, 1, W, nv, vrows, voff + t0, qg);
+          if (vdirect)
+            pv_block<A, T>(otq, ostride, alq, ptq, 1, W, nv, vrows_t, voff, nd, qg);
+          else
+            pv_block<A, A>(otq, ostride, alq, ptq, 1, W, nv, vrows, voff, nd, qg);
         }
       }
       continue;
@@ -836,14 +882,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       const int qg = int(std::min<int64_t>(pg, R - qa));
       A* otq = ot + qa * ostride;
       const A* ptq = st + qa * CW;
-      int64_t t0 = 0;
-      if (qg <= kPv3Q)
-        for (; t0 + 3 <= nd; t0 += 3)
-          pv_rows<A, 3>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
-      for (; t0 + 2 <= nd; t0 += 2)
-        pv_rows<A, 2>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
-      for (; t0 < nd; ++t0)
-        pv_rows<A, 1>(otq + t0 * W, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff + t0, qg);
+      if (vdirect)
+        pv_block<A, T>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows_t, voff, nd, qg);
+      else
+        pv_block<A, A>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff, nd, qg);
     }
   }
 
