@@ -147,11 +147,12 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
                 row["pct_copy_ceiling"] = 100.0 * row["gbps"] / ceil.copy_gbps
                 if ceil.read_gbps:
                     row["pct_read_ceiling"] = 100.0 * row["gbps"] / ceil.read_gbps
-        if floor_ms:
+        own_work = p.nbytes is not None  # not the op's work: no floor or speed-up columns
+        if floor_ms and not own_work:
             row["floor"] = floor_name
             row["floor_ms"] = floor_ms
             row["ratio_to_floor"] = t.median_ms / floor_ms
-        for fname, fms in case.extra_floors.items():
+        for fname, fms in ({} if own_work else case.extra_floors).items():
             row[f"{fname}_floor_ms"] = fms
             row[f"ratio_to_{fname}_floor"] = t.median_ms / fms if fms > 0 else None
         read = case.read_provider
@@ -159,7 +160,7 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
             read_gbps = nbytes_of(case, read) / (timings[read].median_ms * 1e-3) / 1e9
             row["read_interleaved_gbps"] = read_gbps
             row["pct_read_interleaved"] = 100.0 * row["gbps"] / read_gbps
-        if fused_ms:
+        if fused_ms and not own_work:
             # > 1: the fused op is that many times faster than this provider
             row["fused_speedup"] = t.median_ms / fused_ms
         if p.compile_s is not None:

@@ -283,7 +283,7 @@ def test_read_reference_in_the_case_rounds(monkeypatch):
     case = OpCase(section="ops/attention", case="c", mode="fwd", params={"B": 16},
                   providers=[Provider("fused", lambda: time.sleep(0.004)),
                              Provider("read", lambda: time.sleep(0.002), nbytes=4_000_000)],
-                  flops=10 ** 9, bytes=1_000_000, read_provider="read")
+                  flops=10 ** 9, bytes=1_000_000, floor_ms=1.0, read_provider="read")
     cfg = RunConfig(device=torch.device("cpu"), dtype=torch.float32,
                     budget=timing.Budget(min_rounds=3, max_rounds=3, seconds=0.0,
                                          min_sample_s=0.0))
@@ -294,6 +294,9 @@ def test_read_reference_in_the_case_rounds(monkeypatch):
     assert fused["read_interleaved_gbps"] == pytest.approx(read["gbps"])
     assert fused["pct_read_interleaved"] == pytest.approx(100 * fused["gbps"] / read["gbps"])
     assert read["pct_read_interleaved"] == pytest.approx(100.0)
+    # its time is not the op's: no floor ratio and no "fused faster by"
+    assert "fused_speedup" not in read and "ratio_to_floor" not in read
+    assert fused["fused_speedup"] == pytest.approx(1.0)
 
 
 def test_bandwidth_bar_prefers_the_read_timed_in_the_case():
