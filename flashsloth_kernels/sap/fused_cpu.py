@@ -9,7 +9,8 @@ the windows. The backward recomputes that GEMM instead of saving the (B, N, Ch) 
 fuses the softmax and activation backward into one pass, and hands dW1 and dx to two GEMMs.
 (Measured on a 2-core CPU: running the GEMM per strip of windows, so that z stays in cache, was
 7-25% slower than one big GEMM plus the pass, so the op does the latter.) The two passes are
-compiled for AVX-512, AVX2 and the baseline instruction set, like the attention kernels
+compiled for AVX-512 (also run under the name avx512bf16: SAP has no AVX512-BF16 code), AVX2
+and the baseline instruction set, like the attention kernels
 (:func:`isa`, FLASHSLOTH_CPU_ISA); built for the baseline alone, the backward's pass took
 10-12 ms at B = 4 on one core against ~5 ms as AVX-512.
 
