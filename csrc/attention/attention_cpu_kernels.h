@@ -512,6 +512,21 @@ static inline void pv_block(A* otq, int64_t ostride, const A* alq, const A* ptq,
     pv_rows<A, S, 1>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
 }
 
+// The G dot vectors of score_qlanes as scores: s = dot * scale, then s + 0 * s (a +-inf score
+// becomes NaN), stored at out + g * W; returns the max of mx and the scores (a plain max, one
+// instruction: a NaN score may be dropped from it, and the caller finds it in the sum of p).
+template <typename A, int G>
+static inline Vec<A> store_scores(const Vec<A>* acc, A scale, A* out, Vec<A> mx) {
+  constexpr int W = lanes<A>();
+  for (int g = 0; g < G; ++g) {
+    const Vec<A> sg = acc[g] * scale;
+    const Vec<A> s = sg + A(0) * sg;
+    vstore(out + g * W, s);
+    mx = vmax<A>(mx, s);
+  }
+  return mx;
+}
+
 // Query lanes (used when a query block fills more than half the lanes): scores of G keys for
 // the W queries of one block, out[g] = (sum_d K[g][d] qt[d]) * scale (+ 0 * s), K rows read
 // in place (one broadcast element per FMA), qt = the block's q transposed (Dk x W). Returns
@@ -532,13 +547,7 @@ static inline Vec<A> score_qlanes(const A* qt, const A* kbase, const int32_t* ko
     const Vec<A> qv = vload(qt + d * W);
     for (int g = 0; g < G; ++g) acc[g] += vset(kr[g][d]) * qv;
   }
-  for (int g = 0; g < G; ++g) {
-    const Vec<A> sg = acc[g] * scale;
-    const Vec<A> s = sg + A(0) * sg;
-    vstore(out + g * W, s);
-    mx = vmax<A>(mx, s);  // may drop a NaN: the caller makes the row NaN from its sum
-  }
-  return mx;
+  return store_scores<A, G>(acc, scale, out, mx);
 }
 
 #if FS_BF16_DOT
@@ -574,13 +583,9 @@ static inline Vec<float> score_qlanes_bf16(const uint32_t* qt2, const c10::BFloa
     for (int g = 0; g < G; ++g)
       acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32(int(kr[g][Dk - 1])), qv);
   }
-  for (int g = 0; g < G; ++g) {
-    const Vec<float> sg = (Vec<float>)acc[g] * scale;
-    const Vec<float> s = sg + 0.0f * sg;
-    vstore(out + g * W, s);
-    mx = vmax<float>(mx, s);  // may drop a NaN: the caller makes the row NaN from its sum
-  }
-  return mx;
+  Vec<float> dots[G];
+  for (int g = 0; g < G; ++g) dots[g] = (Vec<float>)acc[g];
+  return store_scores<float, G>(dots, scale, out, mx);
 }
 
 // Whether a query block may take score_qlanes_bf16: no subnormal, every |q| <= 2^64 (NaN and
