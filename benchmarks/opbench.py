@@ -92,10 +92,12 @@ def warm_compiled(provider: Provider) -> Provider:
     return provider
 
 
-def nbytes_of(case: OpCase, provider: str) -> int:
-    """Bytes ``provider`` of ``case`` moves (its own, else the op's)."""
-    p = next(p for p in case.providers if p.name == provider)
-    return p.nbytes if p.nbytes is not None else (case.bytes or 0)
+def _provider_bytes(case: OpCase, p: Provider) -> Optional[int]:
+    """Bytes ``p`` moves: its own, else the op's (None for a provider with its own FLOPs, the
+    floor GEMM, whose bytes are not the op's)."""
+    if p.nbytes is not None:
+        return p.nbytes
+    return case.bytes if p.flops is None else None
 
 
 def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None) -> List[Row]:
@@ -119,6 +121,10 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
         floor_ms = timings[floor_provider].median_ms
         floor_name = floor_provider
     fused_ms = timings[case.fused].median_ms if case.fused in timings else None
+    read_gbps = None
+    if case.read_provider is not None and case.read_provider in timings:
+        rp = next(p for p in case.providers if p.name == case.read_provider)
+        read_gbps = (_provider_bytes(case, rp) or 0) / (timings[rp.name].median_ms * 1e-3) / 1e9
     ceil = cfg.ceilings
     rows: List[Row] = []
     for p in case.providers:
@@ -139,7 +145,7 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
             row["gflops"] = flops / secs / 1e9
             if ceil is not None:
                 row["pct_matmul_ceiling"] = 100.0 * row["gflops"] / ceil.matmul_gflops
-        nbytes = p.nbytes if p.nbytes is not None else (case.bytes if p.flops is None else None)
+        nbytes = _provider_bytes(case, p)
         if nbytes:
             row["bytes"] = nbytes
             row["gbps"] = nbytes / secs / 1e9
@@ -155,9 +161,7 @@ def run_case(case: OpCase, cfg: RunConfig, floor_provider: Optional[str] = None)
         for fname, fms in ({} if own_work else case.extra_floors).items():
             row[f"{fname}_floor_ms"] = fms
             row[f"ratio_to_{fname}_floor"] = t.median_ms / fms if fms > 0 else None
-        read = case.read_provider
-        if read is not None and read in timings and row.get("gbps"):
-            read_gbps = nbytes_of(case, read) / (timings[read].median_ms * 1e-3) / 1e9
+        if read_gbps and row.get("gbps"):
             row["read_interleaved_gbps"] = read_gbps
             row["pct_read_interleaved"] = 100.0 * row["gbps"] / read_gbps
         if fused_ms and not own_work:

@@ -204,13 +204,13 @@ def _build(cfg: RunConfig, B: int, Lk: int, mode: str, Lq: int = LQ) -> OpCase:
         dev.type)
     providers.extend(fused)
     if dev.type == "cpu" and dt == torch.float32 and mode == "fwd" and (B, Lk, Lq) == (16, 729, LQ):
-        for half in (torch.bfloat16, torch.float16):
+        for short, half in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             qh, kh, vh = (t.detach().to(half) for t in (q, k, v))
-            name = "fused-" + {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
             providers.append(Provider(
-                name, lambda qh=qh, kh=kh, vh=vh: query_patch_attention(qh, kh, vh, scale=scale),
+                f"fused-{short}",
+                lambda qh=qh, kh=kh, vh=vh: query_patch_attention(qh, kh, vh, scale=scale),
                 backend=dispatcher.select(None, dev, half),
-                note=f"the fused op on {name[6:]} copies of the inputs (half the bytes)"))
+                note=f"the fused op on {short} copies of the inputs (half the bytes)"))
     if cfg.on_gpu and not grad and B == 1:
         providers.extend(launch_bound_providers(
             lambda: query_patch_attention(q, k, v, scale=scale), auto))

@@ -173,23 +173,41 @@ static A* scratch(int64_t n) {
   return reinterpret_cast<A*>(p);
 }
 
-// dst[e] = src[e] in the accumulation type for e < n. fp16 by the hardware conversion where
-// the variant has it (vcvtph2ps: AVX-512F, F16C with AVX2; exact, subnormals and NaN
-// included): c10's branch-free software conversion, ~12 vector instructions per vector, had
-// made the fp16 forward ~23% slower than the fp32 one on Zen 4.
+// A vector of W elements of type S (A itself, or bf16 / fp16 for float: converted in
+// registers, vcvtph2ps / a shift, so P x V reads 16-bit V rows in place).
+template <typename A, typename S>
+static inline Vec<A> vload_as(const S* p) {
+  if constexpr (std::is_same<S, A>::value) {
+    return vload(p);
+  } else {
+    static_assert(std::is_same<A, float>::value, "16-bit sources accumulate in float");
+#if FS_VEC_BYTES == 64
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm512_cvtph_ps(h);
+    else return (Vec<A>)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif FS_VEC_BYTES == 32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm256_cvtph_ps(h);
+    else return (Vec<A>)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+    Vec<A> v;
+    for (int l = 0; l < lanes<A>(); ++l) v[l] = load_elem(p + l);
+    return v;
+#endif
+  }
+}
+
+// dst[e] = src[e] in the accumulation type for e < n: 16-bit rows a vector at a time by
+// vload_as on AVX2 / AVX-512 (the hardware conversion for fp16: c10's branch-free software
+// conversion, ~12 vector instructions per vector, had made the fp16 forward ~23% slower than
+// the fp32 one on Zen 4).
 template <typename T, typename A>
 static inline void load_row(A* dst, const T* src, int64_t n) {
   int64_t e = 0;
-  if constexpr (std::is_same<T, c10::Half>::value && std::is_same<A, float>::value) {
-#if FS_VEC_BYTES == 64
-    for (; e + 16 <= n; e += 16)
-      _mm512_storeu_ps(dst + e, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                    reinterpret_cast<const __m256i*>(src + e))));
-#elif FS_VEC_BYTES == 32
-    for (; e + 8 <= n; e += 8)
-      _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(
-                                    reinterpret_cast<const __m128i*>(src + e))));
-#endif
+  if constexpr (!std::is_same<T, A>::value && std::is_same<A, float>::value &&
+                FS_VEC_BYTES >= 32) {
+    constexpr int W = lanes<A>();
+    for (; e + W <= n; e += W) vstore(dst + e, vload_as<A>(src + e));
   }
   for (; e < n; ++e) dst[e] = load_elem(src + e);
 }
@@ -408,30 +426,6 @@ static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, 
     case 2: return score_tile<A, QG, 2>(qf, Dk, kt, cw, scale, st);
     case 3: return score_tile<A, QG, 3>(qf, Dk, kt, cw, scale, st);
     default: return score_tile<A, QG, 4>(qf, Dk, kt, cw, scale, st);
-  }
-}
-
-// A vector of W elements of type S (A itself, or bf16 / fp16 for float: converted in
-// registers, vcvtph2ps / a shift, so P x V reads 16-bit V rows in place).
-template <typename A, typename S>
-static inline Vec<A> vload_as(const S* p) {
-  if constexpr (std::is_same<S, A>::value) {
-    return vload(p);
-  } else {
-    static_assert(std::is_same<A, float>::value, "16-bit sources accumulate in float");
-#if FS_VEC_BYTES == 64
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm512_cvtph_ps(h);
-    else return (Vec<A>)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#elif FS_VEC_BYTES == 32
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    if constexpr (std::is_same<S, c10::Half>::value) return (Vec<A>)_mm256_cvtph_ps(h);
-    else return (Vec<A>)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#else
-    Vec<A> v;
-    for (int l = 0; l < lanes<A>(); ++l) v[l] = load_elem(p + l);
-    return v;
-#endif
   }
 }
 
