@@ -59,7 +59,7 @@ namespace avx2 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
 namespace avx512 {
 #define FS_VEC_BYTES 64
 #include "attention_cpu_kernels.h"
@@ -70,7 +70,7 @@ namespace avx512 {
 // AVX-512 plus AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later): the
 // avx512 kernels, with the bf16 forward's scores by vdpbf16ps (FS_BF16_DOT)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bf16,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512bf16,avx2,fma,f16c")
 namespace avx512bf16 {
 #define FS_VEC_BYTES 64
 #define FS_BF16_DOT 1

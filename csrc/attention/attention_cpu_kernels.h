@@ -429,81 +429,141 @@ static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, 
   }
 }
 
-// ot[g] (DT value vectors at voff) = ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries,
-// V rows of element type S (A, or bf16 / fp16 read in place and converted in registers).
+// The narrow tail of P x V on AVX-512 (fp32 accumulation): a row's last Dv % W dims, when
+// there are at most four of them (Dv = 36: dims 32 .. 35), take a 4-lane vector (an xmm
+// register, read at Dv - 4) instead of a full one overlapping the vector before it. On Zen 4,
+// whose 512-bit FMAs take both halves of the FMA pipes, a 4-lane FMA costs half a 16-lane one.
+#if FS_VEC_BYTES == 64
+static constexpr bool kNarrowTail = true;
+typedef float Vec4f __attribute__((vector_size(16)));
+template <typename S>
+static inline Vec4f vload4_as(const S* p) {
+  if constexpr (std::is_same<S, float>::value) {
+    Vec4f v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same<S, c10::Half>::value) return (Vec4f)_mm_cvtph_ps(h);
+    else return (Vec4f)_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  }
+}
+// lanes 0 .. 3 of v (its xmm register: no instruction)
+static inline Vec4f low4(Vec<float> v) {
+  return (Vec4f)_mm512_castps512_ps128((__m512)v);
+}
+#else
+static constexpr bool kNarrowTail = false;
+typedef float Vec4f;  // never used as a vector below AVX-512
+template <typename S> static inline Vec4f vload4_as(const S*) { return 0.0f; }
+static inline Vec4f low4(Vec<float>) { return 0.0f; }
+#endif
+
+// ot[g] (DT value vectors at voff, then NT = 0 / 1 narrow tail vectors at voff[DT]) =
+// ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries, V rows of element type S (A, or
+// bf16 / fp16 read in place and converted in registers).
 // A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
 // sums over interleaved keys instead, added up in a fixed order at the end.
-template <typename A, typename S, int QG, int DT>
+template <typename A, typename S, int QG, int DT, int NT>
 static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
                            int64_t js, int nv, const S* const* vrows, const int64_t* voff) {
   constexpr int W = lanes<A>();
-  constexpr int KU = QG * DT >= 8 ? 1 : QG * DT >= 4 ? 2 : 4;
-  Vec<A> acc[KU][QG][DT];
+  constexpr int KU = QG * (DT + NT) >= 8 ? 1 : QG * (DT + NT) >= 4 ? 2 : 4;
+  static_assert(NT == 0 || (kNarrowTail && std::is_same<A, float>::value), "narrow tail");
+  Vec<A> acc[KU][QG][DT > 0 ? DT : 1];
+  Vec4f accn[KU][QG][NT > 0 ? NT : 1];
   for (int u = 0; u < KU; ++u)
-    for (int g = 0; g < QG; ++g)
+    for (int g = 0; g < QG; ++g) {
       for (int t = 0; t < DT; ++t) acc[u][g][t] = Vec<A>{};
+      if constexpr (NT > 0) accn[u][g][0] = Vec4f{};
+    }
+  auto step = [&](int u, int jj) {
+    const S* vr = vrows[jj];
+    Vec<A> vv[DT > 0 ? DT : 1];
+    for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
+    [[maybe_unused]] Vec4f vn{};
+    if constexpr (NT > 0) vn = vload4_as(vr + voff[DT]);
+    for (int g = 0; g < QG; ++g) {
+      const Vec<A> pj = vset(pt[g * cw + jj * js]);
+      for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
+      if constexpr (NT > 0) accn[u][g][0] += low4(pj) * vn;  // the same broadcast register
+    }
+  };
   int j = 0;
   for (; j + KU <= nv; j += KU)
-    for (int u = 0; u < KU; ++u) {
-      const S* vr = vrows[j + u];
-      Vec<A> vv[DT];
-      for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
-      for (int g = 0; g < QG; ++g) {
-        const Vec<A> pj = vset(pt[g * cw + (j + u) * js]);
-        for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
-      }
-    }
-  for (; j < nv; ++j) {
-    const S* vr = vrows[j];
-    Vec<A> vv[DT];
-    for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
-    for (int g = 0; g < QG; ++g) {
-      const Vec<A> pj = vset(pt[g * cw + j * js]);
-      for (int t = 0; t < DT; ++t) acc[0][g][t] += pj * vv[t];
-    }
-  }
-  for (int g = 0; g < QG; ++g)
+    for (int u = 0; u < KU; ++u) step(u, j + u);
+  for (; j < nv; ++j) step(0, j);
+  for (int g = 0; g < QG; ++g) {
+    A* og = ot + g * ostride;
     for (int t = 0; t < DT; ++t) {
       Vec<A> x = acc[0][g][t];
       for (int u = 1; u < KU; ++u) x += acc[u][g][t];
-      vstore(ot + g * ostride + t * W, vload(ot + g * ostride + t * W) * alpha[g] + x);
+      vstore(og + t * W, vload(og + t * W) * alpha[g] + x);
     }
+    if constexpr (NT > 0) {
+      Vec4f x = accn[0][g][0], o;
+      for (int u = 1; u < KU; ++u) x += accn[u][g][0];
+      std::memcpy(&o, og + DT * W, sizeof(o));
+      o = o * alpha[g] + x;
+      std::memcpy(og + DT * W, &o, sizeof(o));
+    }
+  }
 }
 
 // p of query g, key j at pt[g * cw + j * js] (key lanes: cw = chunk, js = 1; query lanes:
 // cw = 1, js = W)
-template <typename A, typename S, int DT>
+template <typename A, typename S, int DT, int NT>
 static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
                            int64_t js, int nv, const S* const* vrows, const int64_t* voff,
                            int qg) {
   switch (qg) {
-    case 1: return pv_tile<A, S, 1, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 2: return pv_tile<A, S, 2, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 3: return pv_tile<A, S, 3, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 4: return pv_tile<A, S, 4, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 5: return pv_tile<A, S, 5, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 6: return pv_tile<A, S, 6, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 7: return pv_tile<A, S, 7, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 8: return pv_tile<A, S, 8, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    default: return pv_tile<A, S, kPvQ, DT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 1: return pv_tile<A, S, 1, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 2: return pv_tile<A, S, 2, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 3: return pv_tile<A, S, 3, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 4: return pv_tile<A, S, 4, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 5: return pv_tile<A, S, 5, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 6: return pv_tile<A, S, 6, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 7: return pv_tile<A, S, 7, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 8: return pv_tile<A, S, 8, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    default:
+      return pv_tile<A, S, kPvQ, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
   }
 }
 
 // P x V of qg queries over all nd value vectors: three at a time for groups of up to kPv3Q
-// queries, then two, then one.
+// queries, then two, then one; with `narrow`, the last of the nd is the narrow tail, taken
+// with the tile before it (or alone).
 template <typename A, typename S>
 static inline void pv_block(A* otq, int64_t ostride, const A* alq, const A* ptq, int64_t cw,
                             int64_t js, int nv, const S* const* vrows, const int64_t* voff,
-                            int64_t nd, int qg) {
+                            int64_t nd, bool narrow, int qg) {
   constexpr int W = lanes<A>();
+  const int64_t nf = nd - (narrow ? 1 : 0);  // full vectors
   int64_t t0 = 0;
+  auto rows = [&](auto dt_const, auto nt_const) {
+    constexpr int DT = decltype(dt_const)::value, NT = decltype(nt_const)::value;
+    pv_rows<A, S, DT, NT>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
+    t0 += DT + NT;
+  };
+  using I0 = std::integral_constant<int, 0>;
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  if constexpr (kNarrowTail && std::is_same<A, float>::value) {
+    if (narrow) {
+      if (qg <= kPv3Q)
+        while (t0 + 3 <= nf) rows(I3{}, I0{});
+      while (t0 + 2 < nf) rows(I2{}, I0{});
+      if (nf - t0 == 2) rows(I2{}, I1{});
+      else if (nf - t0 == 1) rows(I1{}, I1{});
+      else rows(I0{}, I1{});
+      return;
+    }
+  }
   if (qg <= kPv3Q)
-    for (; t0 + 3 <= nd; t0 += 3)
-      pv_rows<A, S, 3>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
-  for (; t0 + 2 <= nd; t0 += 2)
-    pv_rows<A, S, 2>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
-  for (; t0 < nd; ++t0)
-    pv_rows<A, S, 1>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
+    while (t0 + 3 <= nf) rows(I3{}, I0{});
+  while (t0 + 2 <= nf) rows(I2{}, I0{});
+  while (t0 < nf) rows(I1{}, I0{});
 }
 
 // The G dot vectors of score_qlanes as scores: s = dot * scale, then s + 0 * s (a +-inf score
@@ -644,8 +704,12 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const bool vdirect = !kSame && v_overlap && FS_VEC_BYTES >= 32;
   const int64_t nd = (Dv + W - 1) / W;  // value vectors per row
   const int64_t Dvp = nd * W;
+  // the narrow tail (kNarrowTail): the last value vector has 4 lanes, read at Dv - 4
+  const bool narrow = kNarrowTail && std::is_same<A, float>::value && v_overlap &&
+                      Dv % W != 0 && Dv % W <= 4;
   int64_t voff[256 / 2 + 1];
   for (int64_t t = 0; t < nd; ++t) voff[t] = v_overlap ? std::min(t * W, Dv - W) : t * W;
+  if (narrow) voff[nd - 1] = Dv - 4;
 
   // Scores and softmax with lanes over queries instead when query blocks of W are more than
   // half full (Lq = 9 on AVX-512): K rows are then read in place, with no transposition, and
@@ -827,9 +891,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           const A* ptq = stq + qa;
           const A* alq = alpha + r0 + qa;
           if (vdirect)
-            pv_block<A, T>(otq, ostride, alq, ptq, 1, W, nv, vrows_t, voff, nd, qg);
+            pv_block<A, T>(otq, ostride, alq, ptq, 1, W, nv, vrows_t, voff, nd, narrow, qg);
           else
-            pv_block<A, A>(otq, ostride, alq, ptq, 1, W, nv, vrows, voff, nd, qg);
+            pv_block<A, A>(otq, ostride, alq, ptq, 1, W, nv, vrows, voff, nd, narrow, qg);
         }
       }
       continue;
@@ -882,9 +946,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       A* otq = ot + qa * ostride;
       const A* ptq = st + qa * CW;
       if (vdirect)
-        pv_block<A, T>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows_t, voff, nd, qg);
+        pv_block<A, T>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows_t, voff, nd, narrow, qg);
       else
-        pv_block<A, A>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff, nd, qg);
+        pv_block<A, A>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff, nd, narrow, qg);
     }
   }
 
@@ -899,7 +963,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     // value vectors in order: an overlapping tail vector rewrites equal values
     for (int64_t t = 0; t < nd; ++t) {
       const A* src = ot + i * ostride + t * W;
-      for (int l = 0; l < W; ++l)
+      const int nl = narrow && t == nd - 1 ? 4 : W;
+      for (int l = 0; l < nl; ++l)
         if (voff[t] + l < Dv) orow[voff[t] + l] = src[l];
     }
     const int64_t row = bh * Lq + i0 + i;

@@ -25,18 +25,19 @@
 namespace flashsloth {
 namespace cpu_isa {
 
-// Whether this CPU runs the variant named `isa` ("avx512bf16": AVX-512F + AVX512-BF16 + AVX2 +
-// FMA, "avx512": AVX-512F + AVX2 + FMA, "avx2": AVX2 + FMA, "baseline": always).
+// Whether this CPU runs the variant named `isa` ("avx512bf16": AVX-512F / VL + AVX512-BF16 +
+// AVX2 + FMA, "avx512": AVX-512F / VL + AVX2 + FMA, "avx2": AVX2 + FMA, "baseline": always).
 inline bool cpu_runs(const std::string& isa) {
 #if FS_X86_VARIANTS
   __builtin_cpu_init();
   // F16C (fp16 conversion) comes with every AVX2 CPU; checked since the avx2 variants use it
   const bool fma = __builtin_cpu_supports("fma"),
              avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  if (isa == "avx512bf16")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && avx2 &&
-           fma;
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && avx2 && fma;
+  // AVX-512VL (EVEX-encoded 128 / 256-bit ops, so narrow vectors reach all 32 registers) comes
+  // with every AVX-512 CPU but the Xeon Phi; the attention kernels' narrow tails use it
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  if (isa == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16") && avx2 && fma;
+  if (isa == "avx512") return avx512 && avx2 && fma;
   if (isa == "avx2") return avx2 && fma;
 #endif
   return isa == "baseline";
