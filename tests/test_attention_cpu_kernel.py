@@ -96,6 +96,22 @@ def test_grid_against_float64_reference(Lq, Lk, dims, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("Lq", [1, 9], ids=["key-lanes", "query-lanes"])
+@pytest.mark.parametrize("Dv", [15, 16, 17, 19, 20, 21, 24, 33, 48, 52])
+def test_value_widths_around_the_tail(Dv, Lq, dtype):
+    """P x V's last value vector on every side of its boundaries: Dv % 16 of 1 to 4 takes the
+    4-lane tail on AVX-512 (read at Dv - 4, overlapping the full vector before it by 3 to 0
+    dims), 5 and more a full vector ending at Dv, 0 none; Dv < 16 the zero-padded buffer. Both
+    forward layouts, with masked (poisoned) keys, against the float64 reference."""
+    q, k, v, mask = _inputs(2, 2, Lq, 70, 18, Dv, dtype, True)
+    kp, vp = _poison(k, v, mask)
+    grad = torch.randn(2, 2, Lq, Dv).to(dtype)
+    out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
+    dq, dk, dv = fused_cpu.attn_bwd(grad, q, kp, vp, mask, 0.3, out, lse)
+    check_attention(out, (dq, dk, dv), q, k, v, mask, grad, 0.3, lse=lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("H,Lk", [(2, 50), (1, 3645)], ids=["one-unit", "key-split"])
 def test_masked_rows_change_nothing(dtype, H, Lk):
     """Garbage (NaN, inf, huge) in masked rows gives bit-identical out, lse and dq."""

@@ -252,7 +252,8 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 //   4. P x V with lanes over the value dims: every V row of the chunk is loaded once per
 //      query group and feeds kPvQ x kPvD FMAs with broadcast p; fp32 V is read in place (a
 //      tail that is not a lane multiple is covered by one vector ending at Dv, overlapping
-//      the previous one); bf16 / fp16 V rows at least a vector wide are read in place too
+//      the previous one; on AVX-512 a tail of 1-4 dims by a 4-lane vector, the narrow tail
+//      below); bf16 / fp16 V rows at least a vector wide are read in place too
 //      and converted in registers (vload_as) on AVX2 / AVX-512, narrower ones (and the
 //      baseline's) are converted once into a zero-padded buffer.
 // Lq = 1 costs Dk / W score FMAs per key instead of Dk (the query-lane layout left W - 1
