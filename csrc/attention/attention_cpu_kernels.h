@@ -449,6 +449,10 @@ static inline Vec4f vload4_as(const S* p) {
     else return (Vec4f)_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
   }
 }
+// the first n (1..4) lanes of v to p (a masked store)
+static inline void store4_n(float* p, Vec4f v, int n) {
+  _mm_mask_storeu_ps(p, __mmask8((1u << n) - 1u), (__m128)v);
+}
 // lanes 0 .. 3 of v (its xmm register: no instruction)
 static inline Vec4f low4(Vec<float> v) {
   return (Vec4f)_mm512_castps512_ps128((__m512)v);
@@ -458,6 +462,7 @@ static constexpr bool kNarrowTail = false;
 typedef float Vec4f;  // never used as a vector below AVX-512
 template <typename S> static inline Vec4f vload4_as(const S*) { return 0.0f; }
 static inline Vec4f low4(Vec<float>) { return 0.0f; }
+static inline void store4_n(float*, Vec4f, int) {}
 #endif
 
 // ot[g] (DT value vectors at voff, then NT = 0 / 1 narrow tail vectors at voff[DT]) =
@@ -982,6 +987,57 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   }
 }
 
+// Rows out[idx[g]] (G keys, D head dims) += sum_i w[g * W + i] x[i] over the nrows rows x
+// (row stride Dp) in the backward: dv (w = p, x = dO) and dk (w = ds, x = q). Direct: written
+// to the output (row stride D, times `mul` when `scaled`); else accumulated into the padded
+// chunk buffer (row stride Dp). A last block of 1-4 dims takes the 4-lane narrow tail on
+// AVX-512 (kNarrowTail), as the forward's P x V: half a 16-lane FMA on Zen 4.
+template <typename A, int G, bool Direct>
+static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, int64_t Dp,
+                            const int32_t* idx, A* out, A mul, bool scaled) {
+  constexpr int W = lanes<A>();
+  const bool narrow = kNarrowTail && std::is_same<A, float>::value && D % W != 0 &&
+                      D % W <= 4;
+  const int64_t Df = narrow ? D / W * W : Dp;  // dims in full vectors
+  for (int64_t dd = 0; dd < Df; dd += W) {
+    Vec<A> acc[G];
+    for (int g = 0; g < G; ++g)
+      acc[g] = Direct ? Vec<A>{} : vload(out + int64_t(idx[g]) * Dp + dd);
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Vec<A> xv = vload(x + i * Dp + dd);
+      for (int g = 0; g < G; ++g) acc[g] += vset(w[g * W + i]) * xv;
+    }
+    if constexpr (Direct) {
+      const int n = int(std::min<int64_t>(W, D - dd));
+      for (int g = 0; g < G; ++g)
+        vstore_n(out + int64_t(idx[g]) * D + dd, scaled ? acc[g] * mul : acc[g], n);
+    } else {
+      for (int g = 0; g < G; ++g) vstore(out + int64_t(idx[g]) * Dp + dd, acc[g]);
+    }
+  }
+  if constexpr (kNarrowTail && std::is_same<A, float>::value) {
+    if (!narrow) return;
+    const int64_t dd = Df;
+    Vec4f acc[G];
+    for (int g = 0; g < G; ++g) {
+      acc[g] = Vec4f{};
+      if (!Direct) std::memcpy(&acc[g], out + int64_t(idx[g]) * Dp + dd, sizeof(Vec4f));
+    }
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Vec4f xv = vload4_as(x + i * Dp + dd);
+      for (int g = 0; g < G; ++g) acc[g] += (w[g * W + i] - Vec4f{}) * xv;
+    }
+    for (int g = 0; g < G; ++g) {
+      if constexpr (Direct) {
+        const Vec4f r = scaled ? acc[g] * mul : acc[g];
+        store4_n(out + int64_t(idx[g]) * D + dd, r, int(D - dd));
+      } else {
+        std::memcpy(out + int64_t(idx[g]) * Dp + dd, &acc[g], sizeof(Vec4f));
+      }
+    }
+  }
+}
+
 // G keys of one query block in the backward: p and ds (lane vectors), dq accumulation
 // (lanes = queries), then dk / dv rows (vectorised over the padded head dim).
 // Direct (every query in this one block, so the G keys' dk / dv are complete here): the rows
@@ -1030,36 +1086,8 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   }
   // dv / dk rows of the G keys, a lane vector of head dims at a time: each dO (q) row vector
   // is loaded once and feeds G FMAs whose other operand is a broadcast p (ds) from memory.
-  for (int64_t dd = 0; dd < Dvp; dd += W) {
-    Vec<A> acc[G];
-    for (int g = 0; g < G; ++g)
-      acc[g] = Direct ? Vec<A>{} : vload(dvc + int64_t(idx[g]) * Dvp + dd);
-    for (int64_t i = 0; i < nrows; ++i) {
-      const Vec<A> x = vload(dorow + i * Dvp + dd);
-      for (int g = 0; g < G; ++g) acc[g] += vset(pl[g * W + i]) * x;
-    }
-    if constexpr (Direct) {
-      const int n = int(std::min<int64_t>(W, Dv - dd));
-      for (int g = 0; g < G; ++g) vstore_n(dvc + int64_t(idx[g]) * Dv + dd, acc[g], n);
-    } else {
-      for (int g = 0; g < G; ++g) vstore(dvc + int64_t(idx[g]) * Dvp + dd, acc[g]);
-    }
-  }
-  for (int64_t dd = 0; dd < Dkp; dd += W) {
-    Vec<A> acc[G];
-    for (int g = 0; g < G; ++g)
-      acc[g] = Direct ? Vec<A>{} : vload(dkc + int64_t(idx[g]) * Dkp + dd);
-    for (int64_t i = 0; i < nrows; ++i) {
-      const Vec<A> x = vload(qrow + i * Dkp + dd);
-      for (int g = 0; g < G; ++g) acc[g] += vset(dsl[g * W + i]) * x;
-    }
-    if constexpr (Direct) {
-      const int n = int(std::min<int64_t>(W, Dk - dd));
-      for (int g = 0; g < G; ++g) vstore_n(dkc + int64_t(idx[g]) * Dk + dd, acc[g] * scale, n);
-    } else {
-      for (int g = 0; g < G; ++g) vstore(dkc + int64_t(idx[g]) * Dkp + dd, acc[g]);
-    }
-  }
+  bwd_rows<A, G, Direct>(pl, dorow, nrows, Dv, Dvp, idx, dvc, A(1), false);
+  bwd_rows<A, G, Direct>(dsl, qrow, nrows, Dk, Dkp, idx, dkc, scale, true);
 }
 
 // One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
