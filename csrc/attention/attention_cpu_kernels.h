@@ -247,8 +247,10 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 //      chunk's key vectors of accumulators; one broadcast q element feeds a row of FMAs),
 //      s = (q . k) * scale in the accumulation type, then s + 0 * s (a +-inf score becomes
 //      NaN, as the contract asks);
-//   3. online softmax per query: one NaN-propagating max per chunk, p = 2^(s log2e - m log2e)
-//      kept per lane (the row sum is reduced across lanes once, at the end);
+//   3. online softmax per query: one plain max per chunk (a NaN score it drops makes the
+//      row's sum NaN, and the row NaN), the rescale factors of all queries by one vector exp2,
+//      p = 2^((s - m) log2e) kept per lane (the row sum is reduced across lanes once, at the
+//      end);
 //   4. P x V with lanes over the value dims: every V row of the chunk is loaded once per
 //      query group and feeds kPvQ x kPvD FMAs with broadcast p; fp32 V is read in place (a
 //      tail that is not a lane multiple is covered by one vector ending at Dv, overlapping
@@ -284,8 +286,8 @@ template <typename A> static inline Vec<A> vswap(Vec<A> v, int w) {
   for (int l = 0; l < lanes<A>(); ++l) m[l] = l ^ w;
   return __builtin_shuffle(v, m);
 }
-template <typename A> static inline A hmax_nan(Vec<A> v) {
-  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = vmax_nan<A>(v, vswap<A>(v, w));
+template <typename A> static inline A hmax(Vec<A> v) {
+  for (int w = lanes<A>() / 2; w >= 1; w /= 2) v = vmax<A>(v, vswap<A>(v, w));
   return v[0];
 }
 template <typename A> static inline A hsum(Vec<A> v) {
@@ -772,6 +774,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   std::fill(ot, ot + n_ot, A(0));
   std::fill(lv, lv + n_l, A(0));
   std::fill(mb, mb + RW, -std::numeric_limits<A>::infinity());
+  std::fill(alpha, alpha + RW, A(0));  // lanes past R: never used, but never garbage either
   const A scale = A(P.scale);
   const A log2e = A(1.4426950408889634);
   const A ninf = -std::numeric_limits<A>::infinity();
@@ -918,19 +921,25 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       }
     }
 
-    // online softmax, per query
+    // online softmax, per query. The chunk's max by plain vmax (one instruction; a NaN score
+    // it drops makes p, and so the row's sum, NaN: the row ends NaN, see `empty` below), the
+    // rescale factors alpha of all R queries by one vector exp2 (a libm exp2 per query and a
+    // NaN-propagating max had cost more than the score GEMM at Lq = 9).
     for (int64_t i = 0; i < R; ++i) {
       A* si = st + i * CW;
       for (int c = nv; c < nkv * W; ++c) si[c] = ninf;
       V mx = vload(si);
-      for (int t = 1; t < nkv; ++t) mx = vmax_nan<A>(mx, vload(si + t * W));
-      const A mold = mb[i];
-      const A mnew = max_nan(mold, hmax_nan<A>(mx));  // finite or NaN: the chunk has a key
-      alpha[i] = A(std::exp2((mold - mnew) * log2e));  // 0 while mold is -inf
-      mb[i] = mnew;
+      for (int t = 1; t < nkv; ++t) mx = vmax<A>(mx, vload(si + t * W));
+      alpha[i] = mb[i];  // the old max, until the exp2 below
+      mb[i] = max_nan(mb[i], hmax<A>(mx));
+    }
+    for (int64_t i0 = 0; i0 < R; i0 += W)  // 0 while the old max is -inf
+      vstore(alpha + i0, vexp2((vload(alpha + i0) - vload(mb + i0)) * log2e));
+    for (int64_t i = 0; i < R; ++i) {
+      A* si = st + i * CW;
       // (s - m) first, exact near the max: s * log2e - m * log2e (an FMA) would leave the
       // rounding error of m * log2e, which is huge for |s| near the top of the fp32 range
-      const V mv = vset(mnew);
+      const V mv = vset(mb[i]);
       V lsum = V{};
       for (int t = 0; t < nkv; ++t) {
         const V p = vexp2((vload(si + t * W) - mv) * log2e);
@@ -962,8 +971,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const int64_t BH = s.B * s.H;
   for (int64_t i = 0; i < R; ++i) {
     const A mi = mb[i];
-    const bool empty = mi == ninf;  // no attended key in this unit's range
     const A li = qlanes ? lv[i] : hsum<A>(vload(lv + i * W));
+    // no attended key in this unit's range: the max is -inf and the sum 0. (A max of -inf
+    // with a NaN sum is a row whose NaN scores the plain max dropped: NaN, not empty.)
+    const bool empty = mi == ninf && li == li;
     const A inv = empty ? A(0) : A(1) / li;
     const A lse = empty ? inf : mi + std::log(li);
     // value vectors in order: an overlapping tail vector rewrites equal values
