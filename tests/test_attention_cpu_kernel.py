@@ -147,6 +147,22 @@ def test_non_finite_score_makes_the_row_nan(bad, H, Lk):
     _forward_close(out[1:], lse[1:], q[1:], k[1:], v[1:], None, 0.25)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("Lk", [1, 5, 50])
+@pytest.mark.parametrize("Lq", [1, 2, 9])
+def test_every_score_non_finite_is_nan_not_empty(Lq, Lk, bad):
+    """Every attended key of a head gives a NaN score (both forward layouts, chunks with padded
+    lanes): the row is NaN, never taken for an all-masked one (out 0, lse +inf), even where the
+    chunk's plain max drops the NaN scores."""
+    q, k, v, _ = _inputs(2, 2, Lq, Lk, 18, 36, torch.float32, False)
+    q, k = q.abs(), k.clone()
+    k[0, 0] = bad
+    out, lse = fused_cpu.attn_fwd(q, k, v, None, 0.25)
+    assert torch.isnan(lse[0, 0]).all() and torch.isnan(out[0, 0]).all()
+    _forward_close(out[1:], lse[1:], q[1:], k[1:], v[1:], None, 0.25)
+    assert torch.isfinite(out[0, 1]).all() and torch.isfinite(lse[0, 1]).all()
+
+
 def test_huge_finite_scores_stay_accurate():
     """|s| near fp32's top (documented range) is still exact: no pre-scaled q, no overflow."""
     q = torch.randn(1, 2, 9, 18)
