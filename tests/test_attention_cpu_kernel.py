@@ -111,6 +111,22 @@ def test_value_widths_around_the_tail(Dv, Lq, dtype):
     check_attention(out, (dq, dk, dv), q, k, v, mask, grad, 0.3, lse=lse)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("Lk", [50, 3645])
+@pytest.mark.parametrize("Lq", [17, 20, 21, 24, 33, 50, 64, 65, 70])
+def test_query_superblocks(Lq, Lk, dtype):
+    """Query counts whose forward splits into superblocks of different layouts (Lq = 17:
+    16 queries in query lanes and 1 in key lanes; above 64: superblocks of 64 and a tail),
+    with a key split (Lk = 3645, H = 1), against the float64 reference."""
+    H = 1 if Lk > 729 else 2
+    q, k, v, mask = _inputs(2, H, Lq, Lk, 18, 36, dtype, True)
+    kp, vp = _poison(k, v, mask)
+    grad = torch.randn(2, H, Lq, 36).to(dtype)
+    out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
+    dq, dk, dv = fused_cpu.attn_bwd(grad, q, kp, vp, mask, 0.3, out, lse)
+    check_attention(out, (dq, dk, dv), q, k, v, mask, grad, 0.3, lse=lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("H,Lk", [(2, 50), (1, 3645)], ids=["one-unit", "key-split"])
 def test_masked_rows_change_nothing(dtype, H, Lk):
