@@ -1000,12 +1000,12 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 
 // Rows out[idx[g]] (G keys, D head dims) += sum_i w[g * W + i] x[i] over the nrows rows x
 // (row stride Dp) in the backward: dv (w = p, x = dO) and dk (w = ds, x = q). Direct: written
-// to the output (row stride D, times `mul` when `scaled`); else accumulated into the padded
+// to the output (row stride D, times `mul`: 1 for dv, exact); else accumulated into the padded
 // chunk buffer (row stride Dp). A last block of 1-4 dims takes the 4-lane narrow tail on
 // AVX-512 (kNarrowTail), as the forward's P x V: half a 16-lane FMA on Zen 4.
 template <typename A, int G, bool Direct>
 static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, int64_t Dp,
-                            const int32_t* idx, A* out, A mul, bool scaled) {
+                            const int32_t* idx, A* out, A mul) {
   constexpr int W = lanes<A>();
   const bool narrow = kNarrowTail && std::is_same<A, float>::value && D % W != 0 &&
                       D % W <= 4;
@@ -1021,7 +1021,7 @@ static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, in
     if constexpr (Direct) {
       const int n = int(std::min<int64_t>(W, D - dd));
       for (int g = 0; g < G; ++g)
-        vstore_n(out + int64_t(idx[g]) * D + dd, scaled ? acc[g] * mul : acc[g], n);
+        vstore_n(out + int64_t(idx[g]) * D + dd, acc[g] * mul, n);
     } else {
       for (int g = 0; g < G; ++g) vstore(out + int64_t(idx[g]) * Dp + dd, acc[g]);
     }
@@ -1040,8 +1040,7 @@ static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, in
     }
     for (int g = 0; g < G; ++g) {
       if constexpr (Direct) {
-        const Vec4f r = scaled ? acc[g] * mul : acc[g];
-        store4_n(out + int64_t(idx[g]) * D + dd, r, int(D - dd));
+        store4_n(out + int64_t(idx[g]) * D + dd, acc[g] * mul, int(D - dd));
       } else {
         std::memcpy(out + int64_t(idx[g]) * Dp + dd, &acc[g], sizeof(Vec4f));
       }
@@ -1097,8 +1096,8 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   }
   // dv / dk rows of the G keys, a lane vector of head dims at a time: each dO (q) row vector
   // is loaded once and feeds G FMAs whose other operand is a broadcast p (ds) from memory.
-  bwd_rows<A, G, Direct>(pl, dorow, nrows, Dv, Dvp, idx, dvc, A(1), false);
-  bwd_rows<A, G, Direct>(dsl, qrow, nrows, Dk, Dkp, idx, dkc, scale, true);
+  bwd_rows<A, G, Direct>(pl, dorow, nrows, Dv, Dvp, idx, dvc, A(1));
+  bwd_rows<A, G, Direct>(dsl, qrow, nrows, Dk, Dkp, idx, dkc, scale);
 }
 
 // One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
