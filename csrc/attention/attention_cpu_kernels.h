@@ -678,6 +678,11 @@ static inline void prefetch_rows(const T* base, int64_t r0, int64_t n, int64_t r
   const char* p = reinterpret_cast<const char*>(base + r0 * cols);
   const int64_t bytes = std::min(n, rows - r0) * cols * int64_t(sizeof(T));
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  // GCC counts __builtin_prefetch as no side effect: without this barrier a prefetch_rows
+  // it does not inline early is found "const" (ipa-pure-const) and every call to it is
+  // deleted. That silently removed the key-lane forward's prefetch (Lq <= W / 2, called
+  // through transpose_keys' step) until 2026-12-06.
+  __asm__ __volatile__("");
 }
 
 // One forward unit: (b, h), a superblock of queries and a range of keys, online softmax over
