@@ -320,6 +320,9 @@ template <typename A> static inline Vec<A> vgather(const A* base, const int32_t*
 // A tail of fewer than 8 dims is gathered, two dims per 64-bit element where it can (half the
 // gathered elements: on Zen 4 the 16-lane gathers of Dk = 18's two tail dims took ~12% of the
 // B = 1 Lq = 1 forward). Always inlined: out of line, the 16 rows went through the stack.
+// On AVX2 (fp32) blocks of 4 dims of 8 keys are transposed in registers (8 half-row loads, 8
+// shuffles, 4 stores): the 8-lane gathers had taken ~60% of the B = 1 Lq = 1 forward on AMD
+// Zen 3 (perf), whose vgatherdps issues one element at a time.
 #if FS_VEC_BYTES == 64
 __attribute__((always_inline)) static inline void transpose16(__m512* r) {
   __m512 t[16];
@@ -377,6 +380,35 @@ static inline void transpose_keys(const A* kbase, const int32_t* koff, int64_t D
     }
 #endif
     int64_t d = dt;
+#if FS_VEC_BYTES == 32
+    if constexpr (std::is_same<A, float>::value) {
+      // 4 dims of 8 keys at a time: row l's and row l + 4's dims in the halves of r[l], then
+      // a 4 x 4 transpose within each half (8 shuffles). A last block of 1-3 dims is read by a
+      // masked load, never past a row.
+      const int32_t* o = koff + t * W;
+      for (; d < Dk; d += 4) {
+        const int nd = int(std::min<int64_t>(4, Dk - d));
+        const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(nd), _mm_setr_epi32(0, 1, 2, 3));
+        __m256 r[4];
+        for (int l = 0; l < 4; ++l) {
+          const float* lo = kbase + o[l] + d;
+          const float* hi = kbase + o[l + 4] + d;
+          r[l] = nd == 4 ? _mm256_set_m128(_mm_loadu_ps(hi), _mm_loadu_ps(lo))
+                         : _mm256_set_m128(_mm_maskload_ps(hi, m), _mm_maskload_ps(lo, m));
+        }
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]);  // k0d0 k1d0 k0d1 k1d1 | keys 4, 5
+        const __m256 t1 = _mm256_unpackhi_ps(r[0], r[1]);  // dims 2, 3
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        const __m256 t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        __m256 c[4];
+        c[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+        c[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+        c[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+        c[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+        for (int j = 0; j < nd; ++j) _mm256_storeu_ps(kt + (d + j) * cw + t * W, c[j]);
+      }
+    }
+#endif
 #if FS_VEC_BYTES == 64
     if constexpr (std::is_same<A, float>::value)
       for (; d + 2 <= Dk; d += 2) {
@@ -724,11 +756,16 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   for (int64_t t = 0; t < nd; ++t) voff[t] = v_overlap ? std::min(t * W, Dv - W) : t * W;
   if (narrow) voff[nd - 1] = Dv - 4;
 
-  // Scores and softmax with lanes over queries instead when query blocks of W are more than
-  // half full (Lq = 9 on AVX-512): K rows are then read in place, with no transposition, and
-  // the softmax needs no horizontal reductions. P x V keeps its value lanes either way.
+  // Scores and softmax with lanes over queries instead when query blocks of W are full
+  // enough (Lq = 9 on AVX-512): K rows are then read in place, with no transposition, and the
+  // softmax needs no horizontal reductions. P x V keeps its value lanes either way. "Enough"
+  // was measured per ISA: more than half on AVX-512; at least 7 / 8 on AVX2, whose 4 x 8
+  // transposition is cheap next to its query-lane scores (AMD Zen 3, one thread, fused
+  // forward ms, query lanes -> key lanes, min of 4-5 interleaved rounds: B = 1 Lk = 729
+  // Lq = 9 0.97 -> 0.68, Lq = 12 1.02 -> 0.88, Lq = 6 0.56 -> 0.49, B = 16 Lq = 9 16.5 ->
+  // 12.5; Lq = 7, 8, 15, 16 were 1.02-1.14x slower in key lanes).
   const int64_t nqb = (R + W - 1) / W, RW = nqb * W;
-  const bool qlanes = 2 * R > RW;
+  const bool qlanes = FS_VEC_BYTES == 32 ? 8 * R >= 7 * RW : 2 * R > RW;
   // bf16 with AVX512-BF16: query-lane scores by vdpbf16ps straight from the bf16 K rows
   // (score_qlanes_bf16; the unit's queries must allow it: bf16_dot_ok)
   [[maybe_unused]] constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;

@@ -7,11 +7,11 @@ as the CPU kernels of ``torch.ops.flashsloth.query_patch_attention_fwd`` / ``_bw
 Design (EmbQ: 9 queries x 32 heads against 729 keys, head dims 18 / 36): one parallel task per
 (b, h), plus a key split with a merge when B * H is small. Keys stream in chunks of one vector
 of keys per lane group with an online softmax (exp2 polynomial, fp32; masked keys are skipped,
-never read). When the queries fill more than half of a vector (Lq = 9 on AVX-512) the scores
-and the softmax keep the queries in the lanes (K rows read in place, 8 keys per group so that 8
-FMA chains are in flight) and P x V keeps the value dims in the lanes with all 9 queries x 3
-value vectors in registers; with fewer queries (Lq = 1, 2) the keys go in the lanes (K
-transposed by gathers). The rows three chunks ahead are prefetched into L2 while a chunk is
+never read). When the queries fill enough of their vectors (more than half on AVX-512: Lq = 9;
+at least 7 / 8 on AVX2: Lq = 7, 8, 14-16) the scores and the softmax keep the queries in the
+lanes (K rows read in place, 8 keys per group so that 8 FMA chains are in flight) and P x V
+keeps the value dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise
+(Lq = 1, 2; Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers). The rows three chunks ahead are prefetched into L2 while a chunk is
 worked on: at B = 16 that took the forward from ~45-50% to ~60% of the read bandwidth. The
 kernels are compiled for AVX-512 (twice: with AVX512-BF16, whose vdpbf16ps computes the bf16
 forward's query-lane scores straight from the bf16 K rows, ~13% faster at B = 16 on AMD Zen 4,
