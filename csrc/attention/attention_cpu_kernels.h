@@ -241,8 +241,8 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 // and head against 9 x 54 multiply-adds, so the kernel must spend only a few cycles per key.
 // The work per key chunk (kKeyVecs lane vectors of attended keys, gathered by index so masked
 // keys are never read):
-//   1. K^T of the chunk: Dk gathers per key vector (K rows converted to fp32 first for
-//      bf16 / fp16), so each lane holds one key;
+//   1. K^T of the chunk (register transposes, see transpose_keys; K rows converted to fp32
+//      first for bf16 / fp16), so each lane holds one key;
 //   2. scores of every query of the unit as a small register GEMM (kScoreQ queries x the
 //      chunk's key vectors of accumulators; one broadcast q element feeds a row of FMAs),
 //      s = (q . k) * scale in the accumulation type, then s + 0 * s (a +-inf score becomes
@@ -266,8 +266,17 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 // ~4% at Lq = 9 and 17 (where the old layout was already dense in the score GEMM).
 // ---------------------------------------------------------------------------------------------
 
-static constexpr int kKeyVecs = 4;  // key vectors per chunk: 64 keys (AVX-512 fp32)
-static constexpr int kScoreQ = 4;   // queries per score tile (kScoreQ x kKeyVecs accumulators)
+// key vectors per chunk: 64 keys for fp32 on AVX-512 and AVX2 (on AVX2 the per-chunk work,
+// a horizontal max per query and the rescale, had cost ~10% at Lq = 9 with 32-key chunks)
+static constexpr int kKeyVecs = FS_VEC_BYTES == 32 ? 8 : 4;
+static constexpr int kScoreQ = 4;  // queries per score tile
+// key vectors per score tile of QG queries: QG x that many accumulators, which must leave
+// registers for the tile's K vectors and the broadcast q (AVX2 has 16: 4 x 4 spilled)
+template <int QG>
+static constexpr int score_tile_keys() {
+  if (FS_VEC_BYTES != 32) return kKeyVecs;
+  return QG == 1 ? 8 : QG == 2 ? 4 : QG == 3 ? 3 : 2;
+}
 // queries per P x V tile, and the most that take three value vectors at a time: with 32
 // vector registers (AVX-512) all 9 EmbQ queries x 3 value vectors stay in registers and each
 // V row is loaded once; with 16, groups of at most 5 (15 accumulators + 3 loads would spill)
@@ -453,15 +462,26 @@ static inline void score_tile(const A* qf, int64_t Dk, const A* kt, int64_t cw, 
     }
 }
 
+// the last kv (< KV) key vectors of a chunk
+template <typename A, int QG, int KV>
+static inline void score_rest(const A* qf, int64_t Dk, const A* kt, int64_t cw, A scale, A* st,
+                              int kv) {
+  if constexpr (KV > 0) {
+    if (kv == KV) return score_tile<A, QG, KV>(qf, Dk, kt, cw, scale, st);
+    return score_rest<A, QG, KV - 1>(qf, Dk, kt, cw, scale, st, kv);
+  }
+}
+
+// scores of QG queries against kv key vectors, in tiles of score_tile_keys<QG>()
 template <typename A, int QG>
 static inline void score_rows(const A* qf, int64_t Dk, const A* kt, int64_t cw, A scale, A* st,
                               int kv) {
-  switch (kv) {
-    case 1: return score_tile<A, QG, 1>(qf, Dk, kt, cw, scale, st);
-    case 2: return score_tile<A, QG, 2>(qf, Dk, kt, cw, scale, st);
-    case 3: return score_tile<A, QG, 3>(qf, Dk, kt, cw, scale, st);
-    default: return score_tile<A, QG, 4>(qf, Dk, kt, cw, scale, st);
-  }
+  constexpr int W = lanes<A>();
+  constexpr int KT = score_tile_keys<QG>();
+  int t0 = 0;
+  for (; t0 + KT <= kv; t0 += KT)
+    score_tile<A, QG, KT>(qf, Dk, kt + t0 * W, cw, scale, st + t0 * W);
+  score_rest<A, QG, KT - 1>(qf, Dk, kt + t0 * W, cw, scale, st + t0 * W, kv - t0);
 }
 
 // The narrow tail of P x V on AVX-512 (fp32 accumulation): a row's last Dv % W dims, when
