@@ -873,9 +873,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
     if (!qlanes) {
       // the K and V rows three chunks ahead, a key vector's share per step of the
-      // transposition (spread out: see P x V below). With V's share added here, B = 16
-      // Lq = 1 went from ~2.95 to ~2.56 ms on AMD EPYC Zen 4 (2 threads, 3 interleaved
-      // rounds; B = 1 unchanged).
+      // transposition (spread out: see P x V below). Until 2026-12-06 GCC deleted these
+      // calls (see prefetch_rows); issued, they took B = 16 Lq = 1 from ~5.4 to ~3.1 ms on
+      // AMD Zen 3 (AVX2, 2 threads, 4 interleaved rounds; B = 1 unchanged). The ~2.95 ->
+      // 2.56 ms once measured on Zen 4 for adding V's share here was noise.
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
