@@ -90,6 +90,9 @@ struct Kernels {
   const char* isa;
   FwdFn fwd;
   BwdFn bwd;
+  // whether a few queries past a multiple of 16 get a forward superblock of their own (see
+  // attention_fwd): on AVX2 the forward runs such a sparse query block in key lanes anyway
+  bool split_query_tail;
 };
 
 // Every variant compiled into this build, widest first, and the one in use (the Python side
@@ -97,11 +100,11 @@ struct Kernels {
 cpu_isa::IsaTable<Kernels>& isa_table() {
   static cpu_isa::IsaTable<Kernels> t("query_patch_attention", {
 #if FS_X86_VARIANTS
-      {"avx512bf16", avx512bf16::fwd_unit, avx512bf16::bwd_unit},
-      {"avx512", avx512::fwd_unit, avx512::bwd_unit},
-      {"avx2", avx2::fwd_unit, avx2::bwd_unit},
+      {"avx512bf16", avx512bf16::fwd_unit, avx512bf16::bwd_unit, true},
+      {"avx512", avx512::fwd_unit, avx512::bwd_unit, true},
+      {"avx2", avx2::fwd_unit, avx2::bwd_unit, false},
 #endif
-      {"baseline", baseline::fwd_unit, baseline::bwd_unit}});
+      {"baseline", baseline::fwd_unit, baseline::bwd_unit, true}});
   return t;
 }
 
@@ -206,8 +209,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   // own, so the forward runs them with lanes over keys instead of a query block of 16 lanes
   // holding them (the unit after, on the same thread, finds K and V in L2). Measured on Zen 4,
   // B = 1, one thread, 4 interleaved rounds: Lq = 17 0.83 -> 0.69 ms, Lq = 20 0.86 -> 0.82 ms;
-  // a tail of 8 (Lq = 24) was 2.5% slower split, so it stays in its query block.
-  if (s.Lq > 16 && s.Lq <= kQuerySuperblock && s.Lq % 16 != 0 && s.Lq % 16 <= 4)
+  // a tail of 8 (Lq = 24) was 2.5% slower split, so it stays in its query block. Not on AVX2,
+  // whose forward runs a superblock with sparse query blocks (17 of 24 lanes) in key lanes
+  // whole: Zen 3, Lk = 729, 5 interleaved rounds, medians, split -> whole: B = 1 Lq = 17
+  // 0.82 -> 0.66 ms, B = 16 13.8 -> 11.5 ms (2 threads).
+  if (kernels().split_query_tail && s.Lq > 16 && s.Lq <= kQuerySuperblock && s.Lq % 16 != 0 &&
+      s.Lq % 16 <= 4)
     s.qsb_len = s.Lq - s.Lq % 16;
   s.nqsb = (s.Lq + s.qsb_len - 1) / s.qsb_len;
 
