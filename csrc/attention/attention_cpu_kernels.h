@@ -37,7 +37,10 @@ template <typename A> static inline Vec<A> vload(const A* p) {
   return v;
 }
 template <typename A> static inline void vstore(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof(v)); }
-// The first n (1..W) lanes of v to p: a masked store for fp32 on AVX-512, a lane loop below W.
+// The first n (1..W) lanes of v to p: a masked store for fp32 on AVX-512; on AVX2 4-, 2- and
+// 1-lane stores (vmaskmovps stores are microcoded and slow on AMD; the lane loop below, which
+// GCC made a memcpy call through the stack, had cost ~6% of the AVX2 backward); a lane loop
+// otherwise.
 template <typename A> static inline void vstore_n(A* p, Vec<A> v, int n) {
   if (n == lanes<A>()) return vstore(p, v);
 #if FS_VEC_BYTES == 64
@@ -45,8 +48,42 @@ template <typename A> static inline void vstore_n(A* p, Vec<A> v, int n) {
     _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), (__m512)v);
     return;
   }
+#elif FS_VEC_BYTES == 32
+  if constexpr (std::is_same<A, float>::value) {
+    __m128 x = _mm256_castps256_ps128((__m256)v);
+    if (n >= 4) {
+      _mm_storeu_ps(p, x);
+      p += 4;
+      n -= 4;
+      x = _mm256_extractf128_ps((__m256)v, 1);
+    }
+    if (n >= 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), x);
+      p += 2;
+      n -= 2;
+      x = _mm_movehl_ps(x, x);
+    }
+    if (n == 1) _mm_store_ss(p, x);
+    return;
+  }
 #endif
   for (int l = 0; l < n; ++l) p[l] = v[l];
+}
+// The first n (1..W) lanes of p, the others 0: a masked load for fp32 on AVX-512 / AVX2 (never
+// past p + n), a lane loop below.
+template <typename A> static inline Vec<A> vload_n(const A* p, int n) {
+  if (n == lanes<A>()) return vload(p);
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value)
+    return (Vec<A>)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p);
+#elif FS_VEC_BYTES == 32
+  if constexpr (std::is_same<A, float>::value)
+    return (Vec<A>)_mm256_maskload_ps(
+        p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+#endif
+  Vec<A> v{};
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
 }
 template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a > b ? a : b; }
 
@@ -503,9 +540,12 @@ static inline Vec4f vload4_as(const S* p) {
     else return (Vec4f)_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
   }
 }
-// the first n (1..4) lanes of v to p (a masked store)
+// the first n (1..4) lanes of v to p (a masked store), and of p (a masked load, the rest 0)
 static inline void store4_n(float* p, Vec4f v, int n) {
   _mm_mask_storeu_ps(p, __mmask8((1u << n) - 1u), (__m128)v);
+}
+static inline Vec4f load4_n(const float* p, int n) {
+  return (Vec4f)_mm_maskz_loadu_ps(__mmask8((1u << n) - 1u), p);
 }
 // lanes 0 .. 3 of v (its xmm register: no instruction)
 static inline Vec4f low4(Vec<float> v) {
@@ -517,6 +557,7 @@ typedef float Vec4f;  // never used as a vector below AVX-512
 template <typename S> static inline Vec4f vload4_as(const S*) { return 0.0f; }
 static inline Vec4f low4(Vec<float>) { return 0.0f; }
 static inline void store4_n(float*, Vec4f, int) {}
+static inline Vec4f load4_n(const float*, int) { return 0.0f; }
 #endif
 
 // ot[g] (DT value vectors at voff, then NT = 0 / 1 narrow tail vectors at voff[DT]) =
@@ -1063,30 +1104,41 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   }
 }
 
+// Where the backward's dk / dv rows of a key chunk go (bwd_rows): kBuffer, added into the
+// padded chunk buffer (row stride Dp), copied out to the output when the chunk is done;
+// kDirect, written straight to the output rows (row stride D) by the first query block;
+// kDirectAdd, added into those output rows by the later query blocks. Direct needs every key
+// of the chunk attended and the inputs in the accumulation type.
+enum RowsTo { kBuffer, kDirect, kDirectAdd };
+
 // Rows out[idx[g]] (G keys, D head dims) += sum_i w[g * W + i] x[i] over the nrows rows x
-// (row stride Dp) in the backward: dv (w = p, x = dO) and dk (w = ds, x = q). Direct: written
-// to the output (row stride D, times `mul`: 1 for dv, exact); else accumulated into the padded
-// chunk buffer (row stride Dp). A last block of 1-4 dims takes the 4-lane narrow tail on
-// AVX-512 (kNarrowTail), as the forward's P x V: half a 16-lane FMA on Zen 4.
-template <typename A, int G, bool Direct>
+// (row stride Dp) in the backward: dv (w = p, x = dO) and dk (w = ds * scale, x = q); `To`
+// says where (RowsTo). Each output vector is loaded once (0 for kDirect), takes its FMAs and
+// is stored once, so every mode sums a row's terms in the same order. A last block of 1-4 dims
+// takes the 4-lane narrow tail on AVX-512 (kNarrowTail), as the forward's P x V: half a
+// 16-lane FMA on Zen 4.
+template <typename A, int G, RowsTo To>
 static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, int64_t Dp,
-                            const int32_t* idx, A* out, A mul) {
+                            const int32_t* idx, A* out) {
+  constexpr bool Direct = To != kBuffer;
   constexpr int W = lanes<A>();
   const bool narrow = kNarrowTail && std::is_same<A, float>::value && D % W != 0 &&
                       D % W <= 4;
   const int64_t Df = narrow ? D / W * W : Dp;  // dims in full vectors
   for (int64_t dd = 0; dd < Df; dd += W) {
     Vec<A> acc[G];
-    for (int g = 0; g < G; ++g)
-      acc[g] = Direct ? Vec<A>{} : vload(out + int64_t(idx[g]) * Dp + dd);
+    const int n = int(std::min<int64_t>(W, D - dd));  // Direct: lanes in the output row
+    for (int g = 0; g < G; ++g) {
+      if constexpr (To == kBuffer) acc[g] = vload(out + int64_t(idx[g]) * Dp + dd);
+      else if constexpr (To == kDirectAdd) acc[g] = vload_n(out + int64_t(idx[g]) * D + dd, n);
+      else acc[g] = Vec<A>{};
+    }
     for (int64_t i = 0; i < nrows; ++i) {
       const Vec<A> xv = vload(x + i * Dp + dd);
       for (int g = 0; g < G; ++g) acc[g] += vset(w[g * W + i]) * xv;
     }
     if constexpr (Direct) {
-      const int n = int(std::min<int64_t>(W, D - dd));
-      for (int g = 0; g < G; ++g)
-        vstore_n(out + int64_t(idx[g]) * D + dd, acc[g] * mul, n);
+      for (int g = 0; g < G; ++g) vstore_n(out + int64_t(idx[g]) * D + dd, acc[g], n);
     } else {
       for (int g = 0; g < G; ++g) vstore(out + int64_t(idx[g]) * Dp + dd, acc[g]);
     }
@@ -1097,7 +1149,10 @@ static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, in
     Vec4f acc[G];
     for (int g = 0; g < G; ++g) {
       acc[g] = Vec4f{};
-      if (!Direct) std::memcpy(&acc[g], out + int64_t(idx[g]) * Dp + dd, sizeof(Vec4f));
+      if constexpr (To == kBuffer)
+        std::memcpy(&acc[g], out + int64_t(idx[g]) * Dp + dd, sizeof(Vec4f));
+      else if constexpr (To == kDirectAdd)
+        acc[g] = load4_n(out + int64_t(idx[g]) * D + dd, int(D - dd));
     }
     for (int64_t i = 0; i < nrows; ++i) {
       const Vec4f xv = vload4_as(x + i * Dp + dd);
@@ -1105,7 +1160,7 @@ static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, in
     }
     for (int g = 0; g < G; ++g) {
       if constexpr (Direct) {
-        store4_n(out + int64_t(idx[g]) * D + dd, acc[g] * mul, int(D - dd));
+        store4_n(out + int64_t(idx[g]) * D + dd, acc[g], int(D - dd));
       } else {
         std::memcpy(out + int64_t(idx[g]) * Dp + dd, &acc[g], sizeof(Vec4f));
       }
@@ -1114,11 +1169,11 @@ static inline void bwd_rows(const A* w, const A* x, int64_t nrows, int64_t D, in
 }
 
 // G keys of one query block in the backward: p and ds (lane vectors), dq accumulation
-// (lanes = queries), then dk / dv rows (vectorised over the padded head dim).
-// Direct (every query in this one block, so the G keys' dk / dv are complete here): the rows
-// are written to dkc / dvc with row strides Dk / Dv (the output itself), dk times `scale`,
-// instead of accumulated into the padded chunk buffers.
-template <typename A, int G, bool Direct>
+// (lanes = queries), then dk / dv rows (vectorised over the padded head dim) into dkc / dvc:
+// the padded chunk buffers (kBuffer) or the output rows themselves (kDirect, kDirectAdd; see
+// RowsTo). dk's rows take ds * scale (the order of PyTorch's autograd of s = (q k^T) * scale),
+// so no mode scales a row afterwards.
+template <typename A, int G, RowsTo To>
 static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
                              const A* delta, const A* kc, const A* vc, int64_t Dk, int64_t Dv,
                              const int32_t* idx, A* dqt, const A* qrow, const A* dorow,
@@ -1152,7 +1207,7 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
     const V p = vexp2(((sg + A(0) * sg) - l2) * A(1.4426950408889634));
     ds[g] = p * (dpacc[g] - de);
     vstore(pl + g * W, p);
-    vstore(dsl + g * W, ds[g]);
+    vstore(dsl + g * W, ds[g] * scale);
   }
   for (int64_t d = 0; d < Dk; ++d) {
     V acc = vload(dqt + d * W);
@@ -1161,8 +1216,8 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   }
   // dv / dk rows of the G keys, a lane vector of head dims at a time: each dO (q) row vector
   // is loaded once and feeds G FMAs whose other operand is a broadcast p (ds) from memory.
-  bwd_rows<A, G, Direct>(pl, dorow, nrows, Dv, Dvp, idx, dvc, A(1));
-  bwd_rows<A, G, Direct>(dsl, qrow, nrows, Dk, Dkp, idx, dkc, scale);
+  bwd_rows<A, G, To>(pl, dorow, nrows, Dv, Dvp, idx, dvc);
+  bwd_rows<A, G, To>(dsl, qrow, nrows, Dk, Dkp, idx, dkc);
 }
 
 // One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
@@ -1240,9 +1295,11 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     const int64_t kc = std::min(kChunk, j1 - c0);
     const int nv = gather_keys(mrow, c0, kc, idx);
-    // every key attended and every query in one block: the groups write dk / dv rows
-    // themselves (no chunk buffers to clear, add into and copy out)
-    const bool direct = !kConvert && nqb == 1 && nv == kc;
+    // every key attended: the groups write dk / dv rows themselves, the first query block
+    // (kDirect) and then the others (kDirectAdd), with no chunk buffers to clear, add into and
+    // copy out. Clearing them and copying them out had cost ~15% of the backward with two
+    // query blocks (AVX2 at Lq = 9, AMD Zen 3; perf), mostly in the copy's stores.
+    const bool direct = !kConvert && nv == kc;
     if (!direct) {
       std::fill(dkc, dkc + kc * Dkp, A(0));
       std::fill(dvc, dvc + kc * Dvp, A(0));
@@ -1260,8 +1317,8 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         const A* dorb = dorow + qb * W * Dvp;
         A* dko = direct ? reinterpret_cast<A*>(dk + c0 * Dk) : dkc;
         A* dvo = direct ? reinterpret_cast<A*>(dv + c0 * Dv) : dvc;
-        auto groups = [&](auto direct_tag) {
-          constexpr bool D = decltype(direct_tag)::value;
+        auto groups = [&](auto to_tag) {
+          constexpr RowsTo D = decltype(to_tag)::value;
           int t = 0;
           for (; t + 8 <= nv; t += 8) {
             if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
@@ -1279,17 +1336,19 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
             bwd_group<A, 1, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
                                idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
         };
-        if (direct)
-          groups(std::true_type{});
+        if (!direct)
+          groups(std::integral_constant<RowsTo, kBuffer>{});
+        else if (qb == 0)
+          groups(std::integral_constant<RowsTo, kDirect>{});
         else
-          groups(std::false_type{});
+          groups(std::integral_constant<RowsTo, kDirectAdd>{});
       }
       for (int64_t e = 0; e < n_qt; e += W) vstore(dqt + e, vload(dqt + e) + vload(dqc + e));
     }
     for (int64_t j = 0; j < (direct ? 0 : kc); ++j) {
       T* dkr = dk + (c0 + j) * Dk;
       T* dvr = dv + (c0 + j) * Dv;
-      store_row(dkr, dkc + j * Dkp, Dk, scale);
+      store_row(dkr, dkc + j * Dkp, Dk, A(1));  // dk's rows hold ds * scale already
       store_row(dvr, dvc + j * Dvp, Dv, A(1));
     }
   }
