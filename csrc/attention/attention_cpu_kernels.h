@@ -1220,6 +1220,104 @@ static inline void bwd_group(A scale, const A* qt, const A* dot, const A* lse2,
   bwd_rows<A, G, To>(dsl, qrow, nrows, Dk, Dkp, idx, dkc);
 }
 
+// Query blocks of at most kRowTail rows (fp32 on AVX2 / AVX-512: Lq = 1 .. 4, the 9th query of
+// Lq = 9 on AVX2, the 17th of Lq = 17 on AVX-512) take bwd_group_rows below instead of
+// bwd_group: bwd_group's score, dp and dq FMAs cost the same for 1 row as for a full block
+// (lanes over queries), 72 vectors per key at Dk / Dv = 18 / 36, where per row with lanes over
+// head dims and a horizontal-sum tree they cost ~11 (AVX-512) to ~21 (AVX2).
+// The row limit as measured on AMD Zen 4 (1 thread, B = 16, Lk = 729, backward ms, medians of
+// 3 interleaved processes, bwd_group -> bwd_group_rows): AVX-512 Lq = 1 19.8 -> 15.0, 2 20.5 ->
+// 15.7, 3 18.8 -> 17.5, 4 20.7 -> 22.0 (slower: 3 rows), Lq = 17 36.6 -> 34.2; the AVX2 variant
+// Lq = 1 17.3 -> 13.4, 4 19.6 -> 18.8, Lq = 9 30.3 -> 28.1.
+#if FS_VEC_BYTES >= 32
+static constexpr int64_t kRowTail = FS_VEC_BYTES == 64 ? 3 : 4;
+
+// r[g] = the sum of the 8 lanes of a[g] (g < 8): a tree of 6 hadds and one cross-half add.
+static inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Lane g (< G <= 8) of the result: row x (padded with zeros to a multiple of W, read whole)
+// dotted with row r[g] (D elements, its last partial vector read by a masked load); lanes >= G:
+// 0. On AVX-512 each 16-lane sum is first folded to 8 lanes.
+template <int G>
+static inline Vec<float> dots8(const float* x, const float* const* r, int64_t D) {
+  constexpr int W = lanes<float>();
+  Vec<float> acc[8];
+  for (int g = 0; g < 8; ++g) acc[g] = Vec<float>{};
+  for (int64_t dd = 0; dd < D; dd += W) {
+    const int n = int(std::min<int64_t>(W, D - dd));
+    const Vec<float> xv = vload(x + dd);
+    for (int g = 0; g < G; ++g) acc[g] += vload_n(r[g] + dd, n) * xv;
+  }
+#if FS_VEC_BYTES == 64
+  __m256 h[8];
+  for (int g = 0; g < 8; ++g) {
+    const __m512 a = (__m512)acc[g];
+    h[g] = _mm256_add_ps(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  }
+  return (Vec<float>)_mm512_zextps256_ps512(hsum8x8(h));
+#else
+  __m256 h[8];
+  for (int g = 0; g < 8; ++g) h[g] = (__m256)acc[g];
+  return (Vec<float>)hsum8x8(h);
+#endif
+}
+
+// G keys (idx) of a query block of R <= kRowTail rows, one row at a time with lanes over head
+// dims: s and dp by dots8 (a lane per key), p and ds as vectors over the G keys, the row's dq
+// (padded row in dqr) += sum_g ds_g k_g, then the G keys' dk / dv rows by bwd_rows from the
+// same lane buffer layout as bwd_group's (w[g * W + i]).
+template <int G, RowsTo To>
+static inline void bwd_group_rows(float scale, const float* lse2, const float* delta,
+                                  const float* kc, const float* vc, int64_t Dk, int64_t Dv,
+                                  const int32_t* idx, float* dqr, const float* qrow,
+                                  const float* dorow, int64_t R, int64_t Dkp, int64_t Dvp,
+                                  float* dkc, float* dvc, float* lanebuf) {
+  constexpr int W = lanes<float>();
+  const float* kr[G];
+  const float* vr[G];
+  for (int g = 0; g < G; ++g) {
+    kr[g] = kc + int64_t(idx[g]) * Dk;
+    vr[g] = vc + int64_t(idx[g]) * Dv;
+  }
+  float* pl = lanebuf;
+  float* dsl = lanebuf + G * W;
+  for (int64_t i = 0; i < R; ++i) {
+    const Vec<float> sg = dots8<G>(qrow + i * Dkp, kr, Dk) * scale;
+    const Vec<float> dp = dots8<G>(dorow + i * Dvp, vr, Dv);
+    // as bwd_group: +-inf scores made NaN, p = 0 for rows with lse = +inf
+    const Vec<float> p = vexp2(((sg + 0.0f * sg) - lse2[i]) * 1.4426950408889634f);
+    const Vec<float> ds = p * (dp - delta[i]);
+    for (int g = 0; g < G; ++g) {
+      pl[g * W + i] = p[g];
+      dsl[g * W + i] = ds[g] * scale;
+    }
+    float* dq = dqr + i * Dkp;
+    for (int64_t dd = 0; dd < Dk; dd += W) {
+      const int n = int(std::min<int64_t>(W, Dk - dd));
+      Vec<float> acc = vload(dq + dd);
+      for (int g = 0; g < G; ++g) acc += vset(ds[g]) * vload_n(kr[g] + dd, n);
+      vstore(dq + dd, acc);
+    }
+  }
+  bwd_rows<float, G, To>(pl, dorow, R, Dv, Dvp, idx, dvc);
+  bwd_rows<float, G, To>(dsl, qrow, R, Dk, Dkp, idx, dkc);
+}
+#else
+static constexpr int64_t kRowTail = 0;
+template <int G, RowsTo To>
+static inline void bwd_group_rows(float, const float*, const float*, const float*, const float*,
+                                  int64_t, int64_t, const int32_t*, float*, const float*,
+                                  const float*, int64_t, int64_t, int64_t, float*, float*,
+                                  float*) {}
+#endif
+
 // One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
 // complete here; dq is this range's share (the whole dq when nsplit == 1).
 template <typename T, typename A>
@@ -1251,8 +1349,9 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   const int64_t n_qr = nqb * W * Dkp, n_dor = nqb * W * Dvp;
   const int64_t n_dkc = kChunk * Dkp, n_dvc = kChunk * Dvp, n_lane = 2 * kGroup * W;
   const int64_t n_kb = kConvert ? kChunk * Dk : 0, n_vb = kConvert ? kChunk * Dv : 0;
+  const int64_t n_dqr = kRowTail * Dkp;  // dq rows of a bwd_group_rows block
   A* qt = scratch<A>(2 * n_qt + n_dot + 2 * n_l + n_qr + n_dor + n_dkc + n_dvc + n_lane + n_kb +
-                     n_vb + n_qt + W);
+                     n_vb + n_qt + n_dqr + W);
   A* dqt = qt + n_qt;
   A* dot = dqt + n_qt;
   A* lse2 = dot + n_dot;
@@ -1268,6 +1367,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
   // error grows with the chunk count instead of the key count (Lk = 3645 summed key by key
   // made dq ~6x less accurate than PyTorch's)
   A* dqc = vb + n_vb;
+  A* dqr = dqc + n_qt;
   int32_t idx[kChunk];
 
   const A scale = A(P.scale);
@@ -1317,6 +1417,39 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         const A* dorb = dorow + qb * W * Dvp;
         A* dko = direct ? reinterpret_cast<A*>(dk + c0 * Dk) : dkc;
         A* dvo = direct ? reinterpret_cast<A*>(dv + c0 * Dv) : dvc;
+        if constexpr (std::is_same<A, float>::value && kRowTail > 0) {
+          if (nrows <= kRowTail) {  // a few rows: one at a time, lanes over head dims
+            std::fill(dqr, dqr + nrows * Dkp, A(0));
+            auto rgroups = [&](auto to_tag) {
+              constexpr RowsTo D = decltype(to_tag)::value;
+              int t = 0;
+              for (; t + 8 <= nv; t += 8) {
+                if (qb == 0) {  // rows three chunks ahead, as in groups below
+                  const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
+                  prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+                  prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+                }
+                bwd_group_rows<8, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+              }
+              for (; t + 4 <= nv; t += 4)
+                bwd_group_rows<4, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+              for (; t < nv; ++t)
+                bwd_group_rows<1, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
+                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+            };
+            if (!direct)
+              rgroups(std::integral_constant<RowsTo, kBuffer>{});
+            else if (qb == 0)
+              rgroups(std::integral_constant<RowsTo, kDirect>{});
+            else
+              rgroups(std::integral_constant<RowsTo, kDirectAdd>{});
+            for (int64_t i = 0; i < nrows; ++i)  // into the chunk's dq, lanes = queries
+              for (int64_t d = 0; d < Dk; ++d) dqtb[d * W + i] += dqr[i * Dkp + d];
+            continue;
+          }
+        }
         auto groups = [&](auto to_tag) {
           constexpr RowsTo D = decltype(to_tag)::value;
           int t = 0;
