@@ -94,7 +94,9 @@ class Dispatcher:
         (flashsloth_kernels/_op.py). In eager mode the plain resolution runs: the
         constant-result wrapper costs tens of us a call.
         """
-        items = tuple(sorted(facts.items()))
+        # in the caller's order, not sorted (~0.4 us a call): a call site passes its facts in
+        # one order, and another order is only another cache key with the same answer
+        items = tuple(facts.items())
         if torch.compiler.is_compiling():
             return _select_constant(self, requested, device, dtype, items)
         return self._select(requested, device, dtype, items)
@@ -102,7 +104,7 @@ class Dispatcher:
     def _select(self, requested, device, dtype, facts_items) -> str:
         if requested is None:
             requested = _env.default_backend()
-        key = (device.type, dtype, facts_items)  # facts_items: sorted by select
+        key = (device.type, dtype, facts_items)
         if requested == "auto":  # the common case, answered from the cache before any work
             hit = self._auto_cache.get(key)
             if hit is not None:

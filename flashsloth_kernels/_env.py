@@ -9,8 +9,51 @@ FLASHSLOTH_SKIP_CPP_BUILD) are read by setup.py, and again here for the JIT buil
 from __future__ import annotations
 
 import os
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+_T = TypeVar("_T")
+
+
+# The variables read on every op call (FLASHSLOTH_BACKEND, FLASHSLOTH_CPU_ISA,
+# FLASHSLOTH_CPU_POOL_MB) go through _parsed: os.environ.get encodes the key and decodes the
+# value on each call (~0.8 us; with the parsing, these reads were ~2.5 us of the ~20 us of
+# Python a query_patch_attention call costs). On POSIX CPython os.environ keeps the
+# environment in a dict of bytes (``_data``) that every write through os.environ (and pytest's
+# monkeypatch) updates: the raw value is looked up there and parsed once per distinct value.
+# Anywhere else (another platform or interpreter, os.environ replaced by a plain mapping),
+# through os.environ.get.
+_POSIX = os.name == "posix"
+_KEYS: Dict[str, bytes] = {}
+# (variable, raw value) -> parsed value; an invalid value raises on every call (never cached)
+_PARSED: Dict[Tuple[str, object], object] = {}
+
+
+def _raw(name: str) -> object:
+    """The variable's raw value (bytes or str) or None, as a cache key."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if _POSIX and type(data) is dict:
+        key = _KEYS.get(name)
+        if key is None:
+            key = _KEYS[name] = os.fsencode(name)
+        return data.get(key)
+    return env.get(name)
+
+
+def _parsed(name: str, parse: Callable[[Optional[str]], _T]) -> _T:
+    """parse(os.environ.get(name)), remembered per raw value."""
+    key = (name, _raw(name))
+    try:
+        return _PARSED[key]  # type: ignore[return-value]
+    except KeyError:
+        pass
+    value = parse(os.environ.get(name))
+    if len(_PARSED) > 256:  # a program sets few values; never let this grow without bound
+        _PARSED.clear()
+    _PARSED[key] = value
+    return value
 
 
 def _flag(name: str) -> bool:
@@ -19,7 +62,11 @@ def _flag(name: str) -> bool:
 
 def default_backend() -> str:
     """FLASHSLOTH_BACKEND: the backend used when a call passes backend=None."""
-    value = os.environ.get("FLASHSLOTH_BACKEND", "auto").strip().lower() or "auto"
+    return _parsed("FLASHSLOTH_BACKEND", _parse_backend)
+
+
+def _parse_backend(raw: Optional[str]) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(
             f"FLASHSLOTH_BACKEND={value!r} is not a backend; expected one of {', '.join(BACKENDS)}"
@@ -74,7 +121,11 @@ def cpu_pool_mb() -> int:
     for reuse (csrc/common/cpu_pool.h; default 512, 0 turns the pool off). Outputs of 1 MiB or
     more are drawn from the pool: a fresh multi-MB tensor is page-faulted in page by page on its
     first write, which cost the B = 16 attention backward half its time."""
-    value = os.environ.get("FLASHSLOTH_CPU_POOL_MB", "").strip()
+    return _parsed("FLASHSLOTH_CPU_POOL_MB", _parse_pool_mb)
+
+
+def _parse_pool_mb(raw: Optional[str]) -> int:
+    value = (raw or "").strip()
     if not value:
         return CPU_POOL_MB_DEFAULT
     try:
@@ -99,7 +150,11 @@ def cpu_isa() -> str:
     "avx2" or "baseline" also keeps the SAP kernel off oneDNN's 16-bit GEMMs, which need
     AVX-512, so every CPU-dependent path of both ops can be tested on one machine.
     """
-    value = os.environ.get("FLASHSLOTH_CPU_ISA", "auto").strip().lower() or "auto"
+    return _parsed("FLASHSLOTH_CPU_ISA", _parse_isa)
+
+
+def _parse_isa(raw: Optional[str]) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in CPU_ISAS:
         raise ValueError(
             f"FLASHSLOTH_CPU_ISA={value!r} is not an instruction-set variant; expected one of "

@@ -251,3 +251,34 @@ def test_named_backend_cache_only_for_stable_backends():
         from flashsloth_kernels import _dispatch
 
         _dispatch.DISPATCHERS.pop("scaffold_test_op", None)
+
+
+@pytest.mark.parametrize("plain_mapping", [False, True])
+def test_per_call_env_reads_follow_every_change(monkeypatch, plain_mapping):
+    """The variables read on every call (_env._parsed: os.environ's raw dict, parsed once per
+    value) see every change made through os.environ, monkeypatch, or a plain mapping put in
+    os.environ's place (the fallback through os.environ.get); a bad value raises every time."""
+    import os
+
+    from flashsloth_kernels import _env
+
+    if plain_mapping:
+        monkeypatch.setattr(os, "environ", dict(os.environ))
+    for name in ("FLASHSLOTH_CPU_ISA", "FLASHSLOTH_CPU_POOL_MB", "FLASHSLOTH_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    assert (_env.cpu_isa(), _env.cpu_pool_mb(), _env.default_backend()) == ("auto", 512, "auto")
+    os.environ["FLASHSLOTH_CPU_ISA"] = " AVX2"
+    os.environ["FLASHSLOTH_CPU_POOL_MB"] = "7"
+    monkeypatch.setenv("FLASHSLOTH_BACKEND", "Reference")
+    assert (_env.cpu_isa(), _env.cpu_pool_mb(), _env.default_backend()) == ("avx2", 7, "reference")
+    monkeypatch.setenv("FLASHSLOTH_CPU_ISA", "sse9")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="FLASHSLOTH_CPU_ISA='sse9'"):
+            _env.cpu_isa()
+    del os.environ["FLASHSLOTH_CPU_ISA"]
+    os.environ["FLASHSLOTH_CPU_POOL_MB"] = "-1"
+    assert _env.cpu_isa() == "auto"
+    with pytest.raises(ValueError, match="FLASHSLOTH_CPU_POOL_MB='-1'"):
+        _env.cpu_pool_mb()
+    monkeypatch.setenv("FLASHSLOTH_CPU_POOL_MB", "")
+    assert _env.cpu_pool_mb() == 512

@@ -246,6 +246,6 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
     requested = fused.requested(backend)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    fused.resolve(requested, q.device, dtype, needs_grad, large=_large(q, k))  # raises early
+    name = fused.resolve(requested, q.device, dtype, needs_grad, large=_large(q, k))  # raises
     args = (q, k, v, key_padding_mask, scale, requested)
-    return fused.call(args, (q, k, v), q.device)[0]
+    return fused.call(args, (q, k, v), q.device, name)[0]

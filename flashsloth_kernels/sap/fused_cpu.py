@@ -45,6 +45,10 @@ from .. import _compat, _env, _ext
 Tensor = torch.Tensor
 
 _ops = _ext.cpu_ops("flashsloth_kernels.sap._C")
+# the ops' overloads, bound once: calling them directly skips the overload packet's lookup
+# (~1.6 us a call)
+_fwd_kernel = _ops.spatial_attention_pool_fwd.default
+_bwd_kernel = _ops.spatial_attention_pool_bwd.default
 _isa = _ext.IsaSwitch("flashsloth_kernels.sap._C", "spatial_attention_pool")
 
 
@@ -60,9 +64,9 @@ def sap_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
     """Fused forward. x: (B, N = H * W, C), w1: (Ch, C), b1: (Ch,) or None, w2: (Ch,),
     b2: (1,) or None, dropout_mask: (B, N, Ch) bool or None -> (B, G, C) in x's dtype."""
     _isa.apply()
-    return _ops.spatial_attention_pool_fwd(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
-                            None if dropout_mask is None else dropout_mask.contiguous(),
-                            float(dropout_scale), _lowp_gemm(x.dtype))
+    return _fwd_kernel(x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+                       None if dropout_mask is None else dropout_mask.contiguous(),
+                       float(dropout_scale), _lowp_gemm(x.dtype))
 
 
 def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -75,11 +79,9 @@ def sap_bwd(grad_out: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     dtype; dx is an empty tensor unless need_x, the other four unless need_w.
     """
     _isa.apply()
-    return _ops.spatial_attention_pool_bwd(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2,
-                                           kh, kw, H, W,
-                            None if dropout_mask is None else dropout_mask.contiguous(),
-                            float(dropout_scale), bool(need_x), bool(need_w),
-                            _lowp_gemm(x.dtype))
+    return _bwd_kernel(grad_out.contiguous(), x.contiguous(), w1, b1, w2, b2, kh, kw, H, W,
+                       None if dropout_mask is None else dropout_mask.contiguous(),
+                       float(dropout_scale), bool(need_x), bool(need_w), _lowp_gemm(x.dtype))
 
 
 def pool_stats() -> dict:

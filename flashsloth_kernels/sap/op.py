@@ -269,7 +269,7 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
     requested = fused.requested(backend)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
-    fused.resolve(requested, x.device, dtype, needs_grad)  # raises before any work
+    name = fused.resolve(requested, x.device, dtype, needs_grad)  # raises before any work
 
     B = x.shape[0]
     x3 = x if x.dim() == 3 else x.reshape(B, x.shape[1] * x.shape[2], C)
@@ -279,4 +279,4 @@ def spatial_attention_pool(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tens
                            device=x.device).bernoulli_(1.0 - p)
     args = (x3, w1, b1, w2.reshape(Ch), None if b2 is None else b2.reshape(1),
             kh, kw, H, W, mask, 1.0 / (1.0 - p), requested)
-    return fused.call(args, (x, w1, b1, w2, b2), x.device)
+    return fused.call(args, (x, w1, b1, w2, b2), x.device, name)
