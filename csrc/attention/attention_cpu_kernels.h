@@ -1321,6 +1321,38 @@ static inline void bwd_group_rows(float, const float*, const float*, const float
                                   float*) {}
 #endif
 
+// The key groups of one query block over a chunk's nv attended keys: 8 at a time, then 4, then
+// 1, each by group(G, D, t) (integral constants: the group's keys, and where its dk / dv rows
+// go: kBuffer when the chunk has a masked key, else kDirect for the first query block and
+// kDirectAdd for the others); the first block's 8-key groups call prefetch(t) first.
+// Inlining as measured (AMD Zen 4, 1 thread, B = 16, Lk = 729, backward ms, medians of 3
+// interleaved processes): this loop always inlined into bwd_unit_t, each group a function of
+// its own (a noinline lambda per (G, D) with bwd_group / bwd_group_rows inlined into it), which
+// is the code GCC had made of the two hand-written loops this replaced: the same times
+// (AVX-512 Lq = 1 / 2 / 9 / 17: 13.5 / 15.3 / 21.8 / 31.5 vs 13.9 / 15.1 / 22.3 / 31.5). Left
+// to GCC, a first version of this helper had made Lq = 1 13.2 -> 17.6; every group inlined,
+// Lq = 9 got 22.3 -> 20.4 but Lq = 2 15.1 -> 17.5 and the AVX2 variant's Lq = 1 12.9 -> 14.1;
+// only the block path's group inlined, Lq = 9 20.6 but Lq = 2 16.6.
+template <typename Prefetch, typename Group>
+__attribute__((always_inline)) static inline void key_groups(int nv, bool direct, int64_t qb,
+                                                            Prefetch& prefetch, Group&& group) {
+  auto run = [&](auto to) __attribute__((always_inline)) {
+    int t = 0;
+    for (; t + 8 <= nv; t += 8) {
+      if (qb == 0) prefetch(t);
+      group(std::integral_constant<int, 8>{}, to, t);
+    }
+    for (; t + 4 <= nv; t += 4) group(std::integral_constant<int, 4>{}, to, t);
+    for (; t < nv; ++t) group(std::integral_constant<int, 1>{}, to, t);
+  };
+  if (!direct)
+    run(std::integral_constant<RowsTo, kBuffer>{});
+  else if (qb == 0)
+    run(std::integral_constant<RowsTo, kDirect>{});
+  else
+    run(std::integral_constant<RowsTo, kDirectAdd>{});
+}
+
 // One backward unit: (b, h) and a range of keys, every query. dk / dv of the range are
 // complete here; dq is this range's share (the whole dq when nsplit == 1).
 template <typename T, typename A>
@@ -1420,64 +1452,32 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         const A* dorb = dorow + qb * W * Dvp;
         A* dko = direct ? reinterpret_cast<A*>(dk + c0 * Dk) : dkc;
         A* dvo = direct ? reinterpret_cast<A*>(dv + c0 * Dv) : dvc;
+        // rows three chunks ahead, an 8-key group's share at a time (first query block only)
+        auto prefetch = [&](int t) {
+          const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
+          prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+          prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+        };
         if constexpr (std::is_same<A, float>::value && kRowTail > 0) {
           if (nrows <= kRowTail) {  // a few rows: one at a time, lanes over head dims
             std::fill(dqr, dqr + nrows * Dkp, A(0));
-            auto rgroups = [&](auto to_tag) {
-              constexpr RowsTo D = decltype(to_tag)::value;
-              int t = 0;
-              for (; t + 8 <= nv; t += 8) {
-                if (qb == 0) {  // rows three chunks ahead, as in groups below
-                  const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
-                  prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-                  prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
-                }
-                bwd_group_rows<8, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
-              }
-              for (; t + 4 <= nv; t += 4)
-                bwd_group_rows<4, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
-              for (; t < nv; ++t)
-                bwd_group_rows<1, D>(scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                                     idx + t, dqr, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+            auto group = [&](auto g, auto to, int t) __attribute__((noinline)) {
+              bwd_group_rows<decltype(g)::value, decltype(to)::value>(
+                  scale, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t, dqr, qrb, dorb,
+                  nrows, Dkp, Dvp, dko, dvo, lanebuf);
             };
-            if (!direct)
-              rgroups(std::integral_constant<RowsTo, kBuffer>{});
-            else if (qb == 0)
-              rgroups(std::integral_constant<RowsTo, kDirect>{});
-            else
-              rgroups(std::integral_constant<RowsTo, kDirectAdd>{});
+            key_groups(nv, direct, qb, prefetch, group);
             for (int64_t i = 0; i < nrows; ++i)  // into the chunk's dq, lanes = queries
               for (int64_t d = 0; d < Dk; ++d) dqtb[d * W + i] += dqr[i * Dkp + d];
             continue;
           }
         }
-        auto groups = [&](auto to_tag) {
-          constexpr RowsTo D = decltype(to_tag)::value;
-          int t = 0;
-          for (; t + 8 <= nv; t += 8) {
-            if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
-              const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
-              prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-              prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
-            }
-            bwd_group<A, 8, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
-          }
-          for (; t + 4 <= nv; t += 4)
-            bwd_group<A, 4, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
-          for (; t < nv; ++t)
-            bwd_group<A, 1, D>(scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv,
-                               idx + t, dqtb, qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
+        auto group = [&](auto g, auto to, int t) __attribute__((noinline)) {
+          bwd_group<A, decltype(g)::value, decltype(to)::value>(
+              scale, qtb, dotb, lse2 + qb * W, delta + qb * W, kcp, vcp, Dk, Dv, idx + t, dqtb,
+              qrb, dorb, nrows, Dkp, Dvp, dko, dvo, lanebuf);
         };
-        if (!direct)
-          groups(std::integral_constant<RowsTo, kBuffer>{});
-        else if (qb == 0)
-          groups(std::integral_constant<RowsTo, kDirect>{});
-        else
-          groups(std::integral_constant<RowsTo, kDirectAdd>{});
+        key_groups(nv, direct, qb, prefetch, group);
       }
       for (int64_t e = 0; e < n_qt; e += W) vstore(dqt + e, vload(dqt + e) + vload(dqc + e));
     }
