@@ -265,7 +265,11 @@ def test_per_call_env_reads_follow_every_change(monkeypatch, plain_mapping):
     if plain_mapping:
         monkeypatch.setattr(os, "environ", dict(os.environ))
     for name in ("FLASHSLOTH_CPU_ISA", "FLASHSLOTH_CPU_POOL_MB", "FLASHSLOTH_BACKEND"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so that teardown restores the original (the writes below go straight
+        # through os.environ, which monkeypatch does not see; delenv alone records nothing
+        # for a variable that is not set)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     assert (_env.cpu_isa(), _env.cpu_pool_mb(), _env.default_backend()) == ("auto", 512, "auto")
     os.environ["FLASHSLOTH_CPU_ISA"] = " AVX2"
     os.environ["FLASHSLOTH_CPU_POOL_MB"] = "7"
