@@ -72,10 +72,15 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+def autocast_on(device: torch.device) -> bool:
+    """Whether an autocast region the ops follow (CPU or CUDA) is active for ``device``."""
+    return device.type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device.type)
+
+
 def autocast_dtype(device: torch.device, *tensors: Optional[Tensor]) -> Optional[torch.dtype]:
     """The dtype the forward op casts ``tensors`` to under autocast on ``device``, or None (no
     autocast there, or a float64 tensor among them: no cast)."""
-    if device.type not in _AUTOCAST_KEYS or not torch.is_autocast_enabled(device.type):
+    if not autocast_on(device):
         return None
     if any(t is not None and t.is_floating_point() and t.dtype not in _AUTOCAST_ELIGIBLE
            for t in tensors):
@@ -89,8 +94,7 @@ def compute_dtype(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> tor
     (a TypeError naming both dtypes otherwise)."""
     device = ref.device
     # autocast_dtype answers None outside autocast: asked only inside (~1 us a call)
-    inside = device.type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device.type)
-    cast = autocast_dtype(device, ref, *others.values()) if inside else None
+    cast = autocast_dtype(device, ref, *others.values()) if autocast_on(device) else None
     if cast is None:
         _checks.same_dtype_device(ref_name, ref, **others)
         return ref.dtype
@@ -324,6 +328,6 @@ class FusedOp:
         registered op."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
-        if device.type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device.type):
+        if autocast_on(device):
             return False
         return _compat.nothing_observes(*tensors)
