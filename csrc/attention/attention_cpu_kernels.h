@@ -299,8 +299,9 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 //      and converted in registers (vload_as) on AVX2 / AVX-512, narrower ones (and the
 //      baseline's) are converted once into a zero-padded buffer.
 // Lq = 1 costs Dk / W score FMAs per key instead of Dk (the query-lane layout left W - 1
-// lanes idle). When the unit's queries fill more than half of their query blocks of W lanes
-// (Lq = 9 with W = 16), steps 1-3 run with lanes over queries instead (K rows read in place,
+// lanes idle); on AVX-512 (fp32) a single query replaces steps 1-2 by dot products over head
+// dims with K rows read in place (dot_scores8). When the unit's queries fill more than half
+// of their query blocks of W lanes (Lq = 9 with W = 16), steps 1-3 run with lanes over queries instead (K rows read in place,
 // no gathers, no horizontal reductions) and only P x V keeps the value lanes: measured in
 // cache on one loaded core, ~2.4x faster than the old query-lane kernel at Lq = 1 and 2,
 // ~4% at Lq = 9 and 17 (where the old layout was already dense in the score GEMM).
@@ -757,6 +758,43 @@ static inline bool bf16_dot_ok(const c10::BFloat16* q, int64_t n) {
 }
 #endif
 
+#if FS_VEC_BYTES == 64
+// Scores of one query (qs: Dk rounded up to 8 floats, zero padded) against 8 keys at
+// kbase + koff[0 .. 8), K rows read in place: head dims in 8 lanes (a last block of 1-7 dims by
+// a masked load, never past the row), the 8 keys' sums by horizontal adds. out[g] =
+// (q . k_g) * scale + 0 * s. The key-lane forward of a single query (Lq = 1) uses it instead
+// of transposing K: no register transposition, no gathers for the tail dims.
+__attribute__((always_inline)) static inline void dot_scores8(const float* qs,
+                                                              const float* kbase,
+                                                              const int32_t* koff, int64_t Dk,
+                                                              float scale, float* out) {
+  __m256 acc[8];
+  const float* kr[8];
+  for (int g = 0; g < 8; ++g) {
+    acc[g] = _mm256_setzero_ps();
+    kr[g] = kbase + koff[g];
+  }
+  const int64_t nf = Dk / 8 * 8;
+  for (int64_t d = 0; d < nf; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(qs + d);
+    for (int g = 0; g < 8; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(kr[g] + d), qv, acc[g]);
+  }
+  if (nf < Dk) {
+    const __mmask8 m = __mmask8((1u << (Dk - nf)) - 1u);
+    const __m256 qv = _mm256_loadu_ps(qs + nf);
+    for (int g = 0; g < 8; ++g)
+      acc[g] = _mm256_fmadd_ps(_mm256_maskz_loadu_ps(m, kr[g] + nf), qv, acc[g]);
+  }
+  // per 128-bit half, [k0, k1, k2, k3] sums of that half's 4 dims; then the halves added
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 x = _mm256_hadd_ps(h01, h23), y = _mm256_hadd_ps(h45, h67);
+  const __m256 lo = _mm256_permute2f128_ps(x, y, 0x20), hi = _mm256_permute2f128_ps(x, y, 0x31);
+  const __m256 sg = _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale));
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_setzero_ps(), sg, sg));
+}
+#endif
+
 // Query groups of at most `most` rows, balanced (9 rows, most 8: 5 + 4, not 8 + 1).
 static inline int64_t group_len(int64_t R, int64_t most) {
   const int64_t ng = (R + most - 1) / most;
@@ -838,10 +876,23 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   if constexpr (kBf16) bf16dot = qlanes && bf16_dot_ok(q, R * Dk);
 #endif
   const int64_t npair = (Dk + 1) / 2;
+  // one query in key lanes (AVX-512, fp32 accumulation): scores by dot_scores8, K rows read in
+  // place. Measured on Zen 4 against the transposition (H = 32, Lk = 729, kernel op, five
+  // interleaved rounds, ms): B = 1 Lq = 1 0.147-0.163 -> 0.131-0.134 (1 thread), 0.079-0.082
+  // -> 0.071-0.073 (2 threads); Lq = 17 (its single query) 0.342-0.355 -> 0.330-0.340; B = 16
+  // within noise (memory-bound). At Lq = 2 (each query's dots apart) no faster than the
+  // transposition both queries share.
+  bool dots = false;
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value) dots = !qlanes && R == 1;
+#endif
+  const int64_t Dk8 = (Dk + 7) / 8 * 8;
 
   const int64_t ostride = Dvp;
-  const int64_t n_qf = (R * Dk + W - 1) / W * W, n_kt = qlanes ? 0 : Dk * CW;
-  const int64_t n_qt = qlanes ? nqb * Dk * W : 0, n_st = RW * CW, n_ot = R * ostride;
+  const int64_t n_qf = (R * Dk + W - 1) / W * W, n_kt = qlanes || dots ? 0 : Dk * CW;
+  // qt: the query blocks' q transposed (query lanes), or the query zero padded to Dk8 (dots)
+  const int64_t n_qt = qlanes ? nqb * Dk * W : dots ? R * Dk8 : 0;
+  const int64_t n_st = RW * CW, n_ot = R * ostride;
   const int64_t n_l = R * W;  // >= RW
   const int64_t n_kb = (kSame || bf16dot) ? 0 : CW * Dk;
   const int64_t n_vb = ((kSame && v_overlap) || vdirect) ? 0 : CW * Dvp;
@@ -865,6 +916,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const T* vrows_t[CW];   // V rows read in place, converted in registers (vdirect)
 
   load_row(qf, q, R * Dk);
+  if (dots) {
+    std::fill(qt, qt + n_qt, A(0));
+    for (int64_t i = 0; i < R; ++i) std::copy(qf + i * Dk, qf + (i + 1) * Dk, qt + i * Dk8);
+  }
   if (qlanes) {
     std::fill(qt, qt + n_qt, A(0));  // padded lanes: q = 0, finite scores, never output
     for (int64_t i = 0; i < R; ++i)
@@ -915,7 +970,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       // dense: idx[c] == c; otherwise the attended rows were packed: row c either way
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
-    if (!qlanes) {
+    if (!qlanes && !dots) {
       // the K and V rows three chunks ahead, a key vector's share per step of the
       // transposition (spread out: see P x V below). Until 2026-12-06 GCC deleted these
       // calls (see prefetch_rows); issued, they took B = 16 Lq = 1 from ~5.4 to ~3.1 ms on
@@ -1016,15 +1071,29 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
 
     // scores
-    const int64_t sg = group_len(R, kScoreQ);
-    for (int64_t g0 = 0; g0 < R; g0 += sg) {
-      const A* qg = qf + g0 * Dk;
-      A* stg = st + g0 * CW;
-      switch (std::min(sg, R - g0)) {
-        case 1: score_rows<A, 1>(qg, Dk, kt, CW, scale, stg, nkv); break;
-        case 2: score_rows<A, 2>(qg, Dk, kt, CW, scale, stg, nkv); break;
-        case 3: score_rows<A, 3>(qg, Dk, kt, CW, scale, stg, nkv); break;
-        default: score_rows<A, 4>(qg, Dk, kt, CW, scale, stg, nkv); break;
+    if (dots) {
+#if FS_VEC_BYTES == 64
+      if constexpr (std::is_same<A, float>::value)
+        for (int j = 0; j < nv; j += 8) {  // koff past nv: an attended row (scores unused)
+          // the K and V rows three chunks ahead, a key group's share at a time
+          const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
+          prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+          prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+          for (int64_t i = 0; i < R; ++i)
+            dot_scores8(qt + i * Dk8, ksrc, koff + j, Dk, scale, st + i * CW + j);
+        }
+#endif
+    } else {
+      const int64_t sg = group_len(R, kScoreQ);
+      for (int64_t g0 = 0; g0 < R; g0 += sg) {
+        const A* qg = qf + g0 * Dk;
+        A* stg = st + g0 * CW;
+        switch (std::min(sg, R - g0)) {
+          case 1: score_rows<A, 1>(qg, Dk, kt, CW, scale, stg, nkv); break;
+          case 2: score_rows<A, 2>(qg, Dk, kt, CW, scale, stg, nkv); break;
+          case 3: score_rows<A, 3>(qg, Dk, kt, CW, scale, stg, nkv); break;
+          default: score_rows<A, 4>(qg, Dk, kt, CW, scale, stg, nkv); break;
+        }
       }
     }
 

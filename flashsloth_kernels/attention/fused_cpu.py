@@ -11,7 +11,8 @@ never read). When the queries fill enough of their vectors (more than half on AV
 at least 7 / 8 on AVX2: Lq = 7, 8, 14-16) the scores and the softmax keep the queries in the
 lanes (K rows read in place, 8 keys per group so that 8 FMA chains are in flight) and P x V
 keeps the value dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise
-(Lq = 1, 2; Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers). The rows
+(Lq = 1, 2; Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers; a single
+query on AVX-512 takes dot products over head dims instead, K rows read in place). The rows
 three chunks ahead are prefetched into L2 while a chunk is worked on: at B = 16 that took the
 forward from ~45-50% to ~60% of the read bandwidth. The
 kernels are compiled for AVX-512 (twice: with AVX512-BF16, whose vdpbf16ps computes the bf16
