@@ -19,14 +19,6 @@ __attribute__((noinline)) float fexp(const float* P, const float* V){
       a[g][0]=_mm512_fmadd_ps(pj,v0,a[g][0]); a[g][1]=_mm512_fmadd_ps(pj,v1,a[g][1]);
       b[g]=_mm_fmadd_ps(_mm512_castps512_ps128(pj),v2,b[g]); } }
   float s=0; for(int g=0;g<9;g++) s+=a[g][0][0]+a[g][1][1]+b[g][2]; return s;}
-__attribute__((noinline)) float femb(const float* P, const float* V){
-  __m512 a[9][2]; __m128 b[9];
-  for(int g=0;g<9;g++){a[g][0]=a[g][1]=_mm512_setzero_ps(); b[g]=_mm_setzero_ps();}
-  for(long i=0;i<N;i++){ const float* v=V+(i&15)*36; const float* p=P+(i&15)*16;
-    __m512 v0=_mm512_loadu_ps(v), v1=_mm512_loadu_ps(v+16); __m128 v2=_mm_loadu_ps(v+32);
-    #pragma GCC unroll 9
-    for(int g=0;g<9;g++){ FMAE(a[g][0],v0,p+g); FMAE(a[g][1],v1,p+g); FMAE4(b[g],v2,p+g);} }
-  float s=0; for(int g=0;g<9;g++) s+=a[g][0][0]+a[g][1][1]+b[g][2]; return s;}
 __attribute__((noinline)) float femb2(const float* P, const float* V){
   __m512 a0_0=_mm512_setzero_ps(),a0_1=_mm512_setzero_ps(),a1_0=_mm512_setzero_ps(),a1_1=_mm512_setzero_ps(),a2_0=_mm512_setzero_ps(),a2_1=_mm512_setzero_ps(),a3_0=_mm512_setzero_ps(),a3_1=_mm512_setzero_ps(),a4_0=_mm512_setzero_ps(),a4_1=_mm512_setzero_ps(),a5_0=_mm512_setzero_ps(),a5_1=_mm512_setzero_ps(),a6_0=_mm512_setzero_ps(),a6_1=_mm512_setzero_ps(),a7_0=_mm512_setzero_ps(),a7_1=_mm512_setzero_ps(),a8_0=_mm512_setzero_ps(),a8_1=_mm512_setzero_ps();
   __m128 b0=_mm_setzero_ps(),b1=_mm_setzero_ps(),b2=_mm_setzero_ps(),b3=_mm_setzero_ps(),b4=_mm_setzero_ps(),b5=_mm_setzero_ps(),b6=_mm_setzero_ps(),b7=_mm_setzero_ps(),b8=_mm_setzero_ps();
