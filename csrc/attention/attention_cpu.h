@@ -28,6 +28,7 @@ struct FwdParams {
   void* lse;          // (B, H, Lq) accumulation dtype     (written when nsplit == 1)
   void* part_o;       // (nsplit, B, H, Lq, Dv) accumulation dtype (nsplit > 1)
   void* part_lse;     // (nsplit, B, H, Lq)                        (nsplit > 1)
+  bool prefetch;      // software prefetch of the K / V rows ahead (prefetch_min_bytes)
 };
 
 struct BwdParams {
@@ -44,6 +45,7 @@ struct BwdParams {
   void* dk;           // (B, H, Lk, Dk)
   void* dv;           // (B, H, Lk, Dv)
   void* part_dq;      // (nsplit, B, H, Lq, Dk) accumulation dtype (nsplit > 1)
+  bool prefetch;      // as FwdParams::prefetch
 };
 
 }  // namespace attention

@@ -978,6 +978,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       // 2.56 ms once measured on Zen 4 for adding V's share here was noise.
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
+        if (!P.prefetch) return;
         prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
         prefetch_rows(v_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dv);
       });
@@ -1020,7 +1021,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         };
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
-          if (qb == 0) {  // rows three chunks ahead, a key group's share at a time
+          if (qb == 0 && P.prefetch) {  // rows three chunks ahead, a key group's share
             const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
             prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
             prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
@@ -1076,9 +1077,11 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       if constexpr (std::is_same<A, float>::value)
         for (int j = 0; j < nv; j += 8) {  // koff past nv: an attended row (scores unused)
           // the K and V rows three chunks ahead, a key group's share at a time
-          const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
-          prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-          prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+          if (P.prefetch) {
+            const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
+            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
+            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
+          }
           for (int64_t i = 0; i < R; ++i)
             dot_scores8(qt + i * Dk8, ksrc, koff + j, Dk, scale, st + i * CW + j);
         }
@@ -1523,6 +1526,7 @@ static void bwd_unit_t(const BwdParams& P, int64_t u) {
         A* dvo = direct ? reinterpret_cast<A*>(dv + c0 * Dv) : dvc;
         // rows three chunks ahead, an 8-key group's share at a time (first query block only)
         auto prefetch = [&](int t) {
+          if (!P.prefetch) return;
           const int64_t r = bh * Lk + c0 + 3 * kChunk + t * kc / nv;
           prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
           prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);

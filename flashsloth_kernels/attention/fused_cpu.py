@@ -12,9 +12,11 @@ at least 7 / 8 on AVX2: Lq = 7, 8, 14-16) the scores and the softmax keep the qu
 lanes (K rows read in place, 8 keys per group so that 8 FMA chains are in flight) and P x V
 keeps the value dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise
 (Lq = 1, 2; Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers; a single
-query on AVX-512 takes dot products over head dims instead, K rows read in place). The rows
-three chunks ahead are prefetched into L2 while a chunk is worked on: at B = 16 that took the
-forward from ~45-50% to ~60% of the read bandwidth. The
+query on AVX-512 takes dot products over head dims instead, K rows read in place). When the
+call's K and V exceed a quarter of the last-level cache (:func:`prefetch_min_bytes`), the rows
+three chunks ahead are prefetched in software while a chunk is worked on: at B = 16 that took
+the forward from ~45-50% to ~60% of the read bandwidth; below it (B = 1: K and V likely still
+in cache) the prefetches only cost (B = 1 Lq = 1 ~20% slower with them on AMD Zen 4). The
 kernels are compiled for AVX-512 (twice: with AVX512-BF16, whose vdpbf16ps computes the bf16
 forward's query-lane scores straight from the bf16 K rows, ~13% faster at B = 16 on AMD Zen 4,
 and without), AVX2 and the baseline instruction set and picked at first use
@@ -76,3 +78,18 @@ def isa() -> str:
 def supported_isas() -> Tuple[str, ...]:
     """The variants compiled in that this CPU can run, widest first."""
     return _isa.supported()
+
+
+def prefetch_min_bytes() -> int:
+    """Bytes of K and V above which the forward and the backward prefetch their rows ahead in
+    software (by default a quarter of this machine's last-level cache, csrc/common/cpu_cache.h;
+    the measurements are in csrc/attention/attention_cpu.cpp)."""
+    return int(_ops.query_patch_attention_prefetch_min_bytes())
+
+
+def set_prefetch_min_bytes(n: Optional[int]) -> int:
+    """Set the threshold of :func:`prefetch_min_bytes` (0: always prefetch; None: the default
+    again) and return the previous value. Results never depend on it: prefetches are hints."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"n: expected an int >= 0 or None, got {n!r}")
+    return int(_ops.query_patch_attention_set_prefetch_min_bytes(-1 if n is None else n))
