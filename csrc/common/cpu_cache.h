@@ -1,8 +1,10 @@
 // The size of this machine's last-level cache, for CPU kernels that choose by whether their
-// data likely sits in cache (the attention forward's software prefetch, attention_cpu.cpp).
+// data likely sits in cache (the attention kernels' software prefetch, attention_cpu.cpp).
 #pragma once
 
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
 
 #include <cstdint>
 #include <fstream>
@@ -47,7 +49,7 @@ inline int64_t last_level_bytes() {
       }
     }
     if (best > 0) return best;
-#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)  // glibc
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (l3 > 0) return int64_t(l3);
     if (l2 > 0) return int64_t(l2);
