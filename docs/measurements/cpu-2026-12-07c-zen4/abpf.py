@@ -6,7 +6,8 @@ rounds = int(sys.argv[5]) if len(sys.argv) > 5 else 20
 torch.manual_seed(0)
 q = torch.randn(B, 32, Lq, 18); k = torch.randn(B, 32, Lk, 18); v = torch.randn(B, 32, Lk, 36)
 sc = 18 ** -0.5
-f = lambda: fc.attn_fwd(q, k, v, None, sc)
+o0, l0 = fc.attn_fwd(q, k, v, None, sc); g = torch.randn_like(o0)
+f = (lambda: fc.attn_bwd(g, q, k, v, None, sc, o0, l0)) if len(sys.argv) > 6 and sys.argv[6] == "bwd" else (lambda: fc.attn_fwd(q, k, v, None, sc))
 modes = {"always": 0, "default": None}
 outs = {}
 for m, n in modes.items():
