@@ -257,31 +257,35 @@ def restore_prefetch():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("Lq", [1, 2, 9, 17])
 def test_prefetch_never_changes_results(Lq, dtype, restore_prefetch):
-    """The forward prefetches K / V rows ahead only above prefetch_min_bytes (by default a
-    quarter of the last-level cache): forced on (0) and off (no call reaches the limit), every
-    forward path (dot products, transposed keys, query lanes, query superblocks; masks, a key
-    split) gives the same bits, and those are right."""
+    """Forward and backward prefetch K / V rows ahead only above prefetch_min_bytes (by default
+    a quarter of the last-level cache): forced on (0) and off (no call reaches the limit), every
+    path (dot products, transposed keys, query lanes, query superblocks; masks, a key split)
+    gives the same bits, and those are right."""
     default = fused_cpu.prefetch_min_bytes()
     assert default > 0
+    previous = default
     for H, Lk in ((2, 300), (1, 3645)):
         q, k, v, mask = _inputs(2, H, Lq, Lk, 18, 36, dtype, masked=True)
         kp, vp = _poison(k, v, mask)
-        assert fused_cpu.set_prefetch_min_bytes(0) in (default, 1 << 62)
-        on = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
-        assert fused_cpu.set_prefetch_min_bytes(1 << 62) == 0
-        off = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
-        for a, b in zip(on, off):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         grad = torch.randn(2, H, Lq, 36).to(dtype)
-        grads = fused_cpu.attn_bwd(grad, q, kp, vp, mask, 0.3, *on)
-        check_attention(on[0], grads, q, k, v, mask, grad, 0.3, lse=on[1])
+        runs = []
+        for limit in (0, 1 << 62):
+            assert fused_cpu.set_prefetch_min_bytes(limit) == previous
+            previous = limit
+            out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
+            runs.append((out, lse, *fused_cpu.attn_bwd(grad, q, kp, vp, mask, 0.3, out, lse)))
+        for a, b in zip(*runs):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        out, lse, *grads = runs[0]
+        check_attention(out, grads, q, k, v, mask, grad, 0.3, lse=lse)
     assert fused_cpu.set_prefetch_min_bytes(None) == 1 << 62
     assert fused_cpu.prefetch_min_bytes() == default
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "8M"])
-def test_prefetch_threshold_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="n: expected an int >= 0 or None"):
+@pytest.mark.parametrize("bad,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                       ("8M", TypeError)])
+def test_prefetch_threshold_rejects_bad_values(bad, error):
+    with pytest.raises(error, match="n: expected an int >= 0 or None"):
         fused_cpu.set_prefetch_min_bytes(bad)
 
 

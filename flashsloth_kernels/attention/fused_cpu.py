@@ -90,6 +90,8 @@ def prefetch_min_bytes() -> int:
 def set_prefetch_min_bytes(n: Optional[int]) -> int:
     """Set the threshold of :func:`prefetch_min_bytes` (0: always prefetch; None: the default
     again) and return the previous value. Results never depend on it: prefetches are hints."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"n: expected an int >= 0 or None, got {n!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise TypeError(f"n: expected an int >= 0 or None, got {type(n).__name__} {n!r}")
+    if n is not None and n < 0:
+        raise ValueError(f"n: expected an int >= 0 or None, got {n}")
     return int(_ops.query_patch_attention_set_prefetch_min_bytes(-1 if n is None else n))
