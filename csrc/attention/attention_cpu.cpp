@@ -132,6 +132,11 @@ int64_t prefetch_min_bytes() {
   return v >= 0 ? v : cpu_cache::last_level_bytes() / 4;
 }
 
+// Whether a call on these K and V prefetches (forward and backward alike).
+bool prefetch_for(const at::Tensor& k, const at::Tensor& v) {
+  return (k.numel() + v.numel()) * int64_t(k.element_size()) > prefetch_min_bytes();
+}
+
 int64_t set_prefetch_min_bytes(int64_t n) {
   const int64_t old = prefetch_min_bytes();
   g_prefetch_min_bytes.store(n < 0 ? -1 : n, std::memory_order_relaxed);
@@ -251,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   P.v = v.data_ptr();
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   P.scale = scale;
-  P.prefetch = (k.numel() + v.numel()) * int64_t(k.element_size()) > prefetch_min_bytes();
+  P.prefetch = prefetch_for(k, v);
   P.out = out.data_ptr();
   P.lse = lse.data_ptr();
   at::Tensor part_o, part_lse;
@@ -358,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   P.v = v.data_ptr();
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   P.scale = scale;
-  P.prefetch = (k.numel() + v.numel()) * int64_t(k.element_size()) > prefetch_min_bytes();
+  P.prefetch = prefetch_for(k, v);
   P.out = out.data_ptr();
   P.lse = lse.data_ptr();
   P.dq = dq.data_ptr();
