@@ -52,6 +52,22 @@ def nothing_observes(*tensors: torch.Tensor) -> bool:
     return stack_len() == 0 and not fn_mode() and not transforms()
 
 
+def plain_eager(device_type: str, *tensors: torch.Tensor) -> bool:
+    """True when a call on ``tensors`` (no None) on a ``device_type`` device runs in plain eager
+    mode: :func:`nothing_observes`, no autocast region there (the ops follow CPU and CUDA
+    autocast), no forward-AD level entered (so no dual tensor) and no TorchScript trace.
+    Callers ask ``torch.compiler.is_compiling()`` first: under Dynamo this is never traced.
+    False whenever that cannot be established."""
+    if not nothing_observes(*tensors):
+        return False
+    level = getattr(forward_ad, "_current_level", None)  # private: unknown counts as entered
+    if not isinstance(level, int) or level >= 0:
+        return False
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return False
+    return not torch.jit.is_tracing()
+
+
 def functorch_transform(*kinds: str) -> Optional[str]:
     """The name ("grad", "jvp", "vmap", ...) of the innermost active torch.func transform among
     ``kinds``, or None. Fallback without the private interpreter stack: "transform" when any

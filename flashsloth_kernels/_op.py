@@ -306,6 +306,34 @@ class FusedOp:
             return self.op(*args)
         if resolved is not None:
             args = (*args[:-1], resolved)
+        return self._run_unobserved(args, present)
+
+    def fast_call(self, args: Sequence[Any], tensors: Sequence[Tensor], device: torch.device,
+                  dtype: torch.dtype, **facts) -> Any:
+        """The public function's fast path: run ``args`` (as :meth:`call`'s, the requested
+        backend last) as :meth:`call` runs an unobserved call, for inputs the public function
+        has already found valid and non-degenerate without building any message (``tensors``:
+        the call's tensors, no None, all plain ``torch.Tensor`` of ``dtype`` on ``device``;
+        ``facts``: those of :meth:`resolve` but ``needs_grad``). Without gradients the resolved
+        backend's host function runs directly (what the op's implementation runs for such
+        inputs), so the caller returns its outputs as the implementation would (contiguous).
+        Returns None, having done nothing, when the call is not plain eager (compile, trace,
+        autocast, a mode, a transform, a forward-AD level): the public function's full path
+        then takes it. Measured on the B = 1 EmbQ attention (2-core AMD EPYC Zen 4): ~6 us of
+        Python over the kernel op instead of ~30, and ~0.08 ms less per call when other work
+        runs between calls (as in the benchmark's interleaved rounds)."""
+        if torch.compiler.is_compiling() or not _compat.plain_eager(device.type, *tensors):
+            return None
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        # the dispatcher's cached resolution (not compiling: checked above), the requested
+        # name validated there as in resolve(); facts in resolve()'s order: one cache key
+        name = self.dispatcher._select(args[-1], device, dtype,
+                                       (("needs_grad", needs_grad), *facts.items()))
+        if needs_grad:
+            return self._eager_autograd.apply(*args[:-1], name)
+        return self.host(name)[0](*args[:-1])
+
+    def _run_unobserved(self, args: Sequence[Any], present: Sequence[Tensor]) -> Any:
         if torch.is_grad_enabled() and any(t.requires_grad for t in present):
             return self._eager_autograd.apply(*args)
         return self._forward_impl(*args)
@@ -323,11 +351,7 @@ class FusedOp:
 
     @staticmethod
     def _unobserved(tensors: Sequence[Tensor], device: torch.device) -> bool:
-        """No compile / trace, autocast, dispatch or torch-function mode, functorch transform
-        or tensor subclass could see the call: the bypass is then indistinguishable from the
-        registered op."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return False
-        if autocast_on(device):
-            return False
-        return _compat.nothing_observes(*tensors)
+        """No compile / trace, autocast, dispatch or torch-function mode, functorch transform,
+        forward-AD level or tensor subclass could see the call: the bypass is then
+        indistinguishable from the registered op."""
+        return not torch.compiler.is_compiling() and _compat.plain_eager(device.type, *tensors)

@@ -286,3 +286,122 @@ def test_per_call_env_reads_follow_every_change(monkeypatch, plain_mapping):
         _env.cpu_pool_mb()
     monkeypatch.setenv("FLASHSLOTH_CPU_POOL_MB", "")
     assert _env.cpu_pool_mb() == 512
+
+
+def _full_path_only(monkeypatch):
+    monkeypatch.setattr(attn_op, "_fast_call", lambda *args: None)
+
+
+def _attn_cases():
+    """Valid calls of every kind the fast path may take: dtypes, masks, scales, backends."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for B, H, Lq, Lk, Dk, Dv in ((2, 3, 9, 13, 18, 36), (1, 1, 1, 1, 1, 1),
+                                     (1, 2, 17, 50, 7, 5)):
+            q = torch.randn(B, H, Lq, Dk, generator=g).to(dtype)
+            k = torch.randn(B, H, Lk, Dk, generator=g).to(dtype)
+            v = torch.randn(B, H, Lk, Dv, generator=g).to(dtype)
+            mask = torch.rand(B, Lk, generator=g) > 0.3
+            mask[:, 0] = False  # a masked key in every row; row 0 of a 1-key case: all masked
+            for kpm, scale, backend in ((None, None, None), (mask, 0.25, "cpu"),
+                                        (None, 3.0, "reference"), (mask, None, "AUTO")):
+                yield q, k, v, kpm, scale, backend
+    # strided views (the kernels take any strides)
+    q = torch.randn(2, 9, 3, 18).transpose(1, 2)
+    k, v = torch.randn(2, 3, 40, 18), torch.randn(2, 3, 80, 36)[:, :, ::2]
+    yield q, k, v, None, None, None
+
+
+def test_attention_fast_path_matches_the_full_path(monkeypatch):
+    """The public function's fast path (attention/op.py _fast_call, FusedOp.fast_call) takes
+    every usual call and gives what the full path gives, bit for bit: outputs, and gradients
+    through the op's own autograd glue."""
+    taken = 0
+    for q, k, v, kpm, scale, backend in _attn_cases():
+        with torch.no_grad():
+            fast = attn_op._fast_call(q, k, v, kpm, scale, backend)
+        assert fast is not None, (q.dtype, q.shape, kpm is None, scale, backend)
+        taken += 1
+        with monkeypatch.context() as m:
+            _full_path_only(m)
+            full = fk.query_patch_attention(q, k, v, kpm, scale, backend=backend)
+        torch.testing.assert_close(fast, full, rtol=0, atol=0, equal_nan=True)
+        assert fast.is_contiguous() and fast.dtype == full.dtype
+    assert taken == 49
+    # gradients: the fast path runs the eager autograd.Function, as the full path does
+    q, k, v, kpm, scale, _ = next(c for c in _attn_cases() if c[3] is not None)
+    grads = []
+    for fast_path in (True, False):
+        with monkeypatch.context() as m:
+            if not fast_path:
+                _full_path_only(m)
+            ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = fk.query_patch_attention(*ins, kpm, scale)
+            grads.append((out,) + torch.autograd.grad(out, ins, torch.ones_like(out)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attention_fast_path_declines_what_it_must_not_take(monkeypatch):
+    """Anything but a plain eager call with valid inputs goes to the full path (which then
+    raises or runs it as before): errors, empty axes, subclasses, modes, transforms, autocast,
+    forward AD, tracing, compile-time calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    fast = attn_op._fast_call
+    assert fast(q, k, v, mask, 0.5, None) is not None
+    bad = [
+        (q[0], k, v, None, None, None),                       # rank
+        (q, k[:, :1], v, None, None, None),                   # heads
+        (q, k, v[:, :, :4], None, None, None),                # Lk
+        (q, k[..., :7], v, None, None, None),                 # Dk
+        (q.double(), k, v, None, None, None),                 # dtypes differ
+        (q.int(), k.int(), v.int(), None, None, None),        # not floating
+        (q, k, v, mask.float(), None, None),                  # mask dtype
+        (q, k, v, mask[:, :4], None, None),                   # mask shape
+        (q, k, v, None, 0.0, None),                           # scale
+        (q, k, v, None, float("nan"), None),
+        (q, k, v, None, float("inf"), None),
+        (q, k, v, None, 1, None),                             # an int: the full path takes it
+        (q, k, v, None, True, None),
+        (q[:, :, :0], k, v, None, None, None),                # empty axes
+        (q, k[:, :, :0], v[:, :, :0], None, None, None),
+        (q[:0], k[:0], v[:0], None, None, None),
+        (q, k, torch.randn(1, 2, 5, 0), None, None, None),
+        (torch.randn(1, 2, 3, 257), torch.randn(1, 2, 5, 257), v, None, None, None),
+        (q.numpy(), k, v, None, None, None),
+        (torch.nn.Parameter(q), k, v, None, None, None),      # a subclass
+    ]
+    for args in bad:
+        assert fast(*args) is None
+    # a bad backend name raises the full path's error
+    for backend, err in (("gpu", ValueError), (3, TypeError)):
+        with pytest.raises(err, match="backend: expected"):
+            fast(q, k, v, None, None, backend)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert fast(q, k, v, None, None, None) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(q, k, v, None, None, None) is None
+    from torch.autograd import forward_ad
+    with forward_ad.dual_level():
+        assert fast(q, k, v, None, None, None) is None
+    seen = []
+
+    def under_vmap(a):
+        seen.append(fast(a, k[0], v[0], None, None, None))
+        return a
+
+    torch.func.vmap(under_vmap)(q)
+    assert seen == [None]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fast(q, k, v, None, None, None) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(_compat, "FORCE_FALLBACK", True)
+    assert fast(q, k, v, None, None, None) is None

@@ -208,6 +208,44 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
                           f"(B, Lk) with B from q {tuple(q.shape)} and Lk from k {tuple(k.shape)}")
 
 
+def _fast_call(q, k, v, key_padding_mask, scale, backend) -> Optional[Tensor]:
+    """The public function for the usual call, checked without building any message: plain
+    tensors of one floating dtype on one device with consistent, non-empty shapes, a bool mask
+    of shape (B, Lk) or None, scale None or a float in range, no empty axis, in plain eager
+    mode (FusedOp.fast_call). None for anything else, errors included: the full path then
+    checks, raises or runs it (test_op_scaffold.py holds the two to the same results)."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return None
+    B, H, Lq, Dk = qs
+    Lk, Dv = ks[2], vs[3]
+    if (ks[0] != B or ks[1] != H or ks[3] != Dk or vs[0] != B or vs[1] != H or vs[2] != Lk
+            or not (B and H and Lq and Lk) or not 0 < Dk <= MAX_HEAD_DIM
+            or not 0 < Dv <= MAX_HEAD_DIM):
+        return None
+    dtype, device = q.dtype, q.device
+    if (dtype not in _checks.FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype
+            or k.device != device or v.device != device):
+        return None
+    if scale is None:
+        scale = Dk ** -0.5
+    elif type(scale) is not float or not 0.0 < scale <= _checks.MAX_SCALE:  # NaN fails too
+        return None
+    tensors: Tuple[Tensor, ...]
+    if key_padding_mask is None:
+        tensors = (q, k, v)
+    elif (type(key_padding_mask) is Tensor and key_padding_mask.dtype == torch.bool
+          and key_padding_mask.shape == (B, Lk) and key_padding_mask.device == device):
+        tensors = (q, k, v, key_padding_mask)
+    else:
+        return None
+    out = fused.fast_call((q, k, v, key_padding_mask, scale, backend), tensors, device, dtype,
+                          large=_large(q, k))
+    return None if out is None else out[0].contiguous()
+
+
 def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
                           key_padding_mask: Optional[Tensor] = None,
                           scale: Optional[float] = None, *,
@@ -239,6 +277,9 @@ def query_patch_attention(q: Tensor, k: Tensor, v: Tensor,
         >>> query_patch_attention(q, k, v).shape
         torch.Size([2, 32, 9, 36])
     """
+    out = _fast_call(q, k, v, key_padding_mask, scale, backend)
+    if out is not None:
+        return out
     _check_inputs(q, k, v, key_padding_mask)
     dtype = compute_dtype("q", q, k=k, v=v)
     fused.check_transforms(q, k, v)
