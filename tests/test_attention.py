@@ -310,13 +310,15 @@ def test_zero_keys_gives_zero_output(backend):
 
 def test_cpu_is_deterministic_and_thread_count_independent():
     """Same bits run to run and with 1 or several threads (the key split depends on the
-    shape only), forward and backward, including a split shape."""
+    shape only; which thread runs a unit, parallel_units' dynamic choice, never matters),
+    forward and backward, including a key split and query superblocks with a split."""
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, max(2, threads), 1):
             torch.set_num_threads(n)
-            for shape in ((2, 32, 9, 729, 18, 36), (1, 1, 9, 3645, 18, 36)):
+            for shape in ((2, 32, 9, 729, 18, 36), (1, 1, 9, 3645, 18, 36),
+                          (1, 3, 17, 600, 18, 36)):
                 torch.manual_seed(3)
                 q, k, v, mask = make_inputs(*shape, mask_mode="mask")
                 g = torch.randn(*shape[:3], shape[5])

@@ -34,6 +34,7 @@
 #include "attention_cpu.h"
 #include "common/cpu_cache.h"
 #include "common/cpu_isa.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_pool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -270,9 +271,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   const FwdFn fwd = kernels().fwd;
   const int64_t units = s.B * s.H * s.nqsb * s.nsplit;
   const int64_t grain = grain_for(units, s.qsb_len * s.split_len * (s.Dk + s.Dv));
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) fwd(P, dt, u);
-  });
+  // the superblocks and splits of one head on one thread (they share its K and V)
+  parallel_units(units, grain, s.nqsb * s.nsplit, [&](int64_t u) { fwd(P, dt, u); });
   if (s.nsplit > 1) {
     // Merge the splits: lse = logsumexp_s lse_s, out = sum_s exp(lse_s - lse) out_s.
     const int64_t rows = s.B * s.H * s.Lq;
@@ -378,9 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const BwdFn bwd = kernels().bwd;
   const int64_t units = s.B * s.H * s.nsplit;
   const int64_t grain = grain_for(units, 2 * s.Lq * s.split_len * (s.Dk + s.Dv));
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) bwd(P, dt, u);
-  });
+  parallel_units(units, grain, 1, [&](int64_t u) { bwd(P, dt, u); });
   if (s.nsplit > 1) {
     // dq = sum of the splits' shares, in split order (deterministic).
     const int64_t n = s.B * s.H * s.Lq * s.Dk;
