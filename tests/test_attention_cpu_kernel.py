@@ -129,7 +129,7 @@ def test_every_layout_choice(Lq, Dk):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("Lk", [50, 3645])
-@pytest.mark.parametrize("Lq", [17, 20, 21, 24, 33, 50, 64, 65, 70])
+@pytest.mark.parametrize("Lq", [17, 20, 21, 24, 25, 33, 41, 50, 57, 64, 65, 70])
 def test_query_superblocks(Lq, Lk, dtype):
     """Query counts whose forward splits into superblocks of different layouts (Lq = 17:
     16 queries in query lanes and 1 in key lanes, except on AVX2, which runs all 17 in key
@@ -309,3 +309,35 @@ def test_no_score_sized_tensor_in_memory():
         torch.autograd.grad(out, leaves, torch.randn_like(out))
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest <= scores_bytes // 3, (largest, scores_bytes)
+
+
+def test_the_software_prefetches_are_compiled_in():
+    """GCC may delete a __builtin_prefetch it finds free of side effects (prefetch_rows and
+    prefetch_row keep theirs with an empty asm barrier): once that silently removed the key-lane
+    forward's prefetches. Every variant's forward must hold prefetch instructions in its unit
+    function (the K rows, during the scores) and in its P x V tiles (the V rows), and its
+    backward in its unit function."""
+    import re
+    import shutil
+    import subprocess
+
+    from flashsloth_kernels.attention import _C
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    prefetching = set()
+    for block in text.split("\n\n"):  # one function each
+        first, _, body = block.strip().partition("\n")
+        head = re.search(r"<(?:void )?flashsloth::attention::(\w+)::(\w+)<float, float", first)
+        if head and "prefetch" in body:
+            prefetching.add(head.groups())
+    for isa in ("avx512bf16", "avx512", "avx2", "baseline"):
+        if f"flashsloth::attention::{isa}::" not in text:
+            continue  # not compiled for this platform (the x86 variants)
+        for fns in (("fwd_unit_t",), ("pv_tile", "pv_block"), ("bwd_unit_t",)):  # P x V:
+            # its tiles, or the block they were inlined into
+            assert any((isa, fn) in prefetching for fn in fns), \
+                f"no prefetch instruction in {isa}::{' / '.join(fns)}<float, ...>"

@@ -90,8 +90,10 @@ template <typename A> static inline Vec<A> vmax(Vec<A> a, Vec<A> b) { return a >
 // 2^f for f in [-0.5, 0.5]: a degree-5 polynomial with p(0) = 1 exactly, fitted for the least
 // maximum relative error (Lawson's iteration): 1.67e-7 evaluated in fp32 by FMAs, against
 // 2.18e-7 for the degree-6 Taylor polynomial it replaced, with one FMA less per vector.
-__attribute__((always_inline)) static inline Vec<float> exp2_poly(Vec<float> f) {
-  Vec<float> p = vset<float>(1.326472731e-3f);
+// (Templated on the vector type: the 256-bit query lanes below take it on 8 lanes.)
+template <typename VF>
+__attribute__((always_inline)) static inline VF exp2_poly(VF f) {
+  VF p = VF{} + 1.326472731e-3f;
   p = p * f + 9.671512991e-3f;
   p = p * f + 5.550733581e-2f;
   p = p * f + 2.402224243e-1f;
@@ -302,10 +304,14 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 // Lq = 1 costs Dk / W score FMAs per key instead of Dk (the query-lane layout left W - 1
 // lanes idle); on AVX-512 (fp32) a single query replaces steps 1-2 by dot products over head
 // dims with K rows read in place (dot_scores8). When the unit's queries fill more than half
-// of their query blocks of W lanes (Lq = 9 with W = 16), steps 1-3 run with lanes over queries instead (K rows read in place,
-// no gathers, no horizontal reductions) and only P x V keeps the value lanes: measured in
-// cache on one loaded core, ~2.4x faster than the old query-lane kernel at Lq = 1 and 2,
-// ~4% at Lq = 9 and 17 (where the old layout was already dense in the score GEMM).
+// of their query blocks of W lanes (Lq = 9 with W = 16), steps 1-3 run with lanes over
+// queries instead (K rows read in place, no gathers, no horizontal reductions) and only P x V
+// keeps the value lanes: measured in cache on one loaded core, ~2.4x faster than the old
+// query-lane kernel at Lq = 1 and 2, ~4% at Lq = 9 and 17 (where the old layout was already
+// dense in the score GEMM). On AVX-512 (fp32 accumulation, not the bf16 dot path) a unit of
+// 8k + 1 such queries (Lq = 9) takes blocks of 8 queries in 256-bit lanes and its last query
+// by dot products (score_q8). K and V rows three chunks ahead are prefetched when the call's
+// K and V exceed the cache (P.prefetch): K during the scores, V during P x V (RowPrefetch).
 // ---------------------------------------------------------------------------------------------
 
 // key vectors per chunk: 64 keys for fp32 on AVX-512 and AVX2 (on AVX2 the per-chunk work,
@@ -565,14 +571,36 @@ static inline void store4_n(float*, Vec4f, int) {}
 static inline Vec4f load4_n(const float*, int) { return 0.0f; }
 #endif
 
+// Rows to prefetch in software while P x V runs over a chunk's keys: the row of key index j
+// (the same index three chunks ahead) with key j, so the lines are asked for evenly over the
+// chunk's longest stage rather than in bursts (see "Prefetch" in fwd_unit_t). Row j's lines
+// are those starting inside it (the line holding row 0's start as well), each asked for once.
+struct RowPrefetch {
+  const char* base;  // row 0
+  int64_t row_bytes;
+  int64_t rows;      // rows that exist from base on (the array's end clips the last chunks)
+};
+__attribute__((always_inline)) static inline void prefetch_row(const RowPrefetch* pf,
+                                                               int64_t j) {
+  if (pf == nullptr || j >= pf->rows) return;
+  const uintptr_t r = reinterpret_cast<uintptr_t>(pf->base) + uintptr_t(j * pf->row_bytes);
+  uintptr_t x = j == 0 ? r : (r + 63) & ~uintptr_t(63);
+  for (; x < r + uintptr_t(pf->row_bytes); x = (x | 63) + 1)
+    __builtin_prefetch(reinterpret_cast<const void*>(x), 0, 2);
+  __asm__ __volatile__("");  // as in prefetch_rows: or GCC may delete the prefetches
+}
+
 // ot[g] (DT value vectors at voff, then NT = 0 / 1 narrow tail vectors at voff[DT]) =
 // ot[g] * alpha[g] + sum_j p[g][j] V_j for QG queries, V rows of element type S (A, or
-// bf16 / fp16 read in place and converted in registers).
+// bf16 / fp16 read in place and converted in registers). With S1 the last query reads its p
+// at ps[j] instead (256-bit query lanes: a block's 8 queries and the single after them).
+// pf (or nullptr): rows to prefetch, one per key (RowPrefetch).
 // A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
 // sums over interleaved keys instead, added up in a fixed order at the end.
-template <typename A, typename S, int QG, int DT, int NT>
+template <typename A, typename S, int QG, int DT, int NT, bool S1 = false>
 static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
-                           int64_t js, int nv, const S* const* vrows, const int64_t* voff) {
+                           int64_t js, int nv, const S* const* vrows, const int64_t* voff,
+                           const A* ps, const RowPrefetch* pf) {
   constexpr int W = lanes<A>();
   constexpr int KU = QG * (DT + NT) >= 8 ? 1 : QG * (DT + NT) >= 4 ? 2 : 4;
   static_assert(NT == 0 || (kNarrowTail && std::is_same<A, float>::value), "narrow tail");
@@ -584,13 +612,14 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
       if constexpr (NT > 0) accn[u][g][0] = Vec4f{};
     }
   auto step = [&](int u, int jj) {
+    prefetch_row(pf, jj);
     const S* vr = vrows[jj];
     Vec<A> vv[DT > 0 ? DT : 1];
     for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
     [[maybe_unused]] Vec4f vn{};
     if constexpr (NT > 0) vn = vload4_as(vr + voff[DT]);
     for (int g = 0; g < QG; ++g) {
-      const Vec<A> pj = vset(pt[g * cw + jj * js]);
+      const Vec<A> pj = vset(S1 && g == QG - 1 ? ps[jj] : pt[g * cw + jj * js]);
       for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
       if constexpr (NT > 0) accn[u][g][0] += low4(pj) * vn;  // the same broadcast register
     }
@@ -617,38 +646,49 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
 }
 
 // p of query g, key j at pt[g * cw + j * js] (key lanes: cw = chunk, js = 1; query lanes:
-// cw = 1, js = W)
+// cw = 1, js = W); with ps (qg == kPvQ, AVX-512 fp32), the last query's at ps[j]
 template <typename A, typename S, int DT, int NT>
 static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
                            int64_t js, int nv, const S* const* vrows, const int64_t* voff,
-                           int qg) {
+                           int qg, const A* ps, const RowPrefetch* pf) {
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value)
+    if (ps != nullptr)
+      return pv_tile<A, S, kPvQ, DT, NT, true>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff,
+                                               ps, pf);
+#endif
+#define FS_PV_TILE(QG) \
+  pv_tile<A, S, QG, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff, nullptr, pf)
   switch (qg) {
-    case 1: return pv_tile<A, S, 1, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 2: return pv_tile<A, S, 2, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 3: return pv_tile<A, S, 3, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 4: return pv_tile<A, S, 4, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 5: return pv_tile<A, S, 5, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 6: return pv_tile<A, S, 6, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 7: return pv_tile<A, S, 7, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    case 8: return pv_tile<A, S, 8, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
-    default:
-      return pv_tile<A, S, kPvQ, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff);
+    case 1: return FS_PV_TILE(1);
+    case 2: return FS_PV_TILE(2);
+    case 3: return FS_PV_TILE(3);
+    case 4: return FS_PV_TILE(4);
+    case 5: return FS_PV_TILE(5);
+    case 6: return FS_PV_TILE(6);
+    case 7: return FS_PV_TILE(7);
+    case 8: return FS_PV_TILE(8);
+    default: return FS_PV_TILE(kPvQ);
   }
+#undef FS_PV_TILE
 }
 
 // P x V of qg queries over all nd value vectors: three at a time for groups of up to kPv3Q
 // queries, then two, then one; with `narrow`, the last of the nd is the narrow tail, taken
-// with the tile before it (or alone).
+// with the tile before it (or alone). ps: see pv_rows; pf (or nullptr): rows to prefetch
+// during the first tile's pass over the keys.
 template <typename A, typename S>
 static inline void pv_block(A* otq, int64_t ostride, const A* alq, const A* ptq, int64_t cw,
                             int64_t js, int nv, const S* const* vrows, const int64_t* voff,
-                            int64_t nd, bool narrow, int qg) {
+                            int64_t nd, bool narrow, int qg, const A* ps,
+                            const RowPrefetch* pf) {
   constexpr int W = lanes<A>();
   const int64_t nf = nd - (narrow ? 1 : 0);  // full vectors
   int64_t t0 = 0;
   auto rows = [&](auto dt_const, auto nt_const) {
     constexpr int DT = decltype(dt_const)::value, NT = decltype(nt_const)::value;
-    pv_rows<A, S, DT, NT>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg);
+    pv_rows<A, S, DT, NT>(otq + t0 * W, ostride, alq, ptq, cw, js, nv, vrows, voff + t0, qg,
+                          ps, t0 == 0 ? pf : nullptr);
     t0 += DT + NT;
   };
   using I0 = std::integral_constant<int, 0>;
@@ -760,6 +800,60 @@ static inline bool bf16_dot_ok(const c10::BFloat16* q, int64_t n) {
 #endif
 
 #if FS_VEC_BYTES == 64
+// 256-bit query lanes (AVX-512 variants, fp32 accumulation): the query-lane forward of a unit
+// of 8k + 1 queries (Lq = 9) runs k blocks of 8 queries in 256-bit vectors and the last query
+// alone (the "single": scores by dot_scores8, softmax with lanes over keys). On AMD Zen 4,
+// which runs a 512-bit instruction as two 256-bit halves, the 512-bit query lanes' score FMAs
+// and exp2 cost 16 lanes' worth for 9 queries; these cost 8 lanes' worth plus the single's
+// dots. Measured in one process (kernel op, fp32, H = 32, Lk = 729, 2 threads, 16-20
+// interleaved rounds, time ratio to the 512-bit query lanes): B = 1 0.918-0.935, 1 thread
+// 0.916-0.943; with the V prefetch spread over P x V (see fwd_unit_t) B = 16 0.90-1.01,
+// B = 4 Lk = 3645 0.88-0.92 (prefetched as before, B >= 4 was 1.03-1.12: the shorter score
+// loop bunched its prefetches).
+typedef float Vec8f __attribute__((vector_size(32)));
+static inline Vec8f vload8(const float* p) {
+  Vec8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void vstore8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
+static inline Vec8f vmax8(Vec8f a, Vec8f b) { return a > b ? a : b; }
+static inline Vec8f vmax8_nan(Vec8f a, Vec8f b) { return ((a > b) | (a != a)) ? a : b; }
+// vexp2 on 8 lanes: the same function, by the AVX-512VL forms of its instructions
+__attribute__((always_inline)) static inline Vec8f vexp2_8(Vec8f x) {
+  const __m256 xv = _mm256_min_ps(_mm256_set1_ps(127.0f), (__m256)x);  // NaN stays NaN
+  const __m256 n = _mm256_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec8f p = exp2_poly((Vec8f)xv - (Vec8f)n);
+  const __mmask8 keep = _mm256_cmp_ps_mask((__m256)x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return (Vec8f)_mm256_maskz_scalef_ps(keep, (__m256)p, n);
+}
+
+// score_qlanes on 8 query lanes: out[g * 8 + i] = (q_i . k_g) * scale (+ 0 * s) for the G
+// keys at kbase + koff[g]; qt8: the block's q transposed (Dk rows of 8). Returns the plain max
+// of mx and the scores (a NaN score it drops shows in the row's sum, as in score_qlanes).
+template <int G>
+__attribute__((always_inline)) static inline Vec8f score_q8(const float* qt8, const float* kbase,
+                                                            const int32_t* koff, int64_t Dk,
+                                                            float scale, float* out, Vec8f mx) {
+  Vec8f acc[G];
+  const float* kr[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g] = Vec8f{};
+    kr[g] = kbase + koff[g];
+  }
+  for (int64_t d = 0; d < Dk; ++d) {
+    const Vec8f qv = vload8(qt8 + d * 8);
+    for (int g = 0; g < G; ++g) acc[g] += (kr[g][d] - Vec8f{}) * qv;
+  }
+  for (int g = 0; g < G; ++g) {
+    const Vec8f sg = acc[g] * scale;
+    const Vec8f sv = sg + 0.0f * sg;
+    vstore8(out + g * 8, sv);
+    mx = vmax8(mx, sv);
+  }
+  return mx;
+}
+
 // Scores of one query (qs: Dk rounded up to 8 floats, zero padded) against 8 keys at
 // kbase + koff[0 .. 8), K rows read in place: head dims in 8 lanes (a last block of 1-7 dims by
 // a masked load, never past the row), the 8 keys' sums by horizontal adds. out[g] =
@@ -887,12 +981,18 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 #if FS_VEC_BYTES == 64
   if constexpr (std::is_same<A, float>::value) dots = !qlanes && R == 1;
 #endif
-  const int64_t Dk8 = (Dk + 7) / 8 * 8;
+  // 8k + 1 query-lane queries in 256-bit blocks of 8 and a single (see score_q8)
+  bool q8 = false;
+#if FS_VEC_BYTES == 64
+  if constexpr (std::is_same<A, float>::value) q8 = qlanes && !bf16dot && R % 8 == 1;
+#endif
+  const int64_t nb8 = q8 ? R / 8 : 0, Dk8 = (Dk + 7) / 8 * 8;
 
   const int64_t ostride = Dvp;
   const int64_t n_qf = (R * Dk + W - 1) / W * W, n_kt = qlanes || dots ? 0 : Dk * CW;
-  // qt: the query blocks' q transposed (query lanes), or the query zero padded to Dk8 (dots)
-  const int64_t n_qt = qlanes ? nqb * Dk * W : dots ? R * Dk8 : 0;
+  // qt: the query blocks' q transposed (query lanes: Dk rows of W; q8: of 8, then the single's
+  // q zero padded to Dk8), or the query zero padded to Dk8 (dots)
+  const int64_t n_qt = q8 ? nb8 * Dk * 8 + Dk8 : qlanes ? nqb * Dk * W : dots ? R * Dk8 : 0;
   const int64_t n_st = RW * CW, n_ot = R * ostride;
   const int64_t n_l = R * W;  // >= RW
   const int64_t n_kb = (kSame || bf16dot) ? 0 : CW * Dk;
@@ -921,7 +1021,12 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     std::fill(qt, qt + n_qt, A(0));
     for (int64_t i = 0; i < R; ++i) std::copy(qf + i * Dk, qf + (i + 1) * Dk, qt + i * Dk8);
   }
-  if (qlanes) {
+  if (q8) {
+    std::fill(qt, qt + n_qt, A(0));  // the single's padding dims: 0
+    for (int64_t i = 0; i < 8 * nb8; ++i)
+      for (int64_t d = 0; d < Dk; ++d) qt[((i / 8) * Dk + d) * 8 + i % 8] = qf[i * Dk + d];
+    std::copy(qf + 8 * nb8 * Dk, qf + R * Dk, qt + nb8 * Dk * 8);
+  } else if (qlanes) {
     std::fill(qt, qt + n_qt, A(0));  // padded lanes: q = 0, finite scores, never output
     for (int64_t i = 0; i < R; ++i)
       for (int64_t d = 0; d < Dk; ++d) qt[((i / W) * Dk + d) * W + i % W] = qf[i * Dk + d];
@@ -972,16 +1077,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes && !dots) {
-      // the K and V rows three chunks ahead, a key vector's share per step of the
-      // transposition (spread out: see P x V below). Until 2026-12-06 GCC deleted these
+      // the K rows three chunks ahead, a key vector's share per step of the transposition
+      // (the V rows: during P x V, see "Prefetch" above). Until 2026-12-06 GCC deleted these
       // calls (see prefetch_rows); issued, they took B = 16 Lq = 1 from ~5.4 to ~3.1 ms on
-      // AMD Zen 3 (AVX2, 2 threads, 4 interleaved rounds; B = 1 unchanged). The ~2.95 ->
-      // 2.56 ms once measured on Zen 4 for adding V's share here was noise.
+      // AMD Zen 3 (AVX2, 2 threads, 4 interleaved rounds; B = 1 unchanged).
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         if (!P.prefetch) return;
         prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
-        prefetch_rows(v_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dv);
       });
     }
     if (kSame && v_overlap) {
@@ -1002,6 +1105,105 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         vrows[c] = dst;
       }
     }
+    // Prefetch (P.prefetch: K and V too large to stay in cache): the K rows three chunks ahead
+    // during the scores, a key group's share at a time, and the V rows three chunks ahead
+    // during P x V, one row per key (RowPrefetch), so that each stage asks for what it can
+    // spread over its own work. Both during the scores, the V share had bunched up there (at
+    // 256-bit query lanes, whose score loop is half as long, B = 16 ran 3-12% slower).
+    // Measured in one process (kernel op, fp32, H = 32, 2 threads, 16 interleaved rounds,
+    // time ratio to both during the scores): B = 16 Lk = 729 Lq = 1 0.83-0.84, Lq = 2 0.81,
+    // Lq = 9 0.92-1.01, B = 4 Lk = 3645 Lq = 9 0.90-0.96; the K rows moved into P x V as well
+    // gained less (Lq = 1 0.89-0.98, Lq = 9 0.97-1.00).
+    RowPrefetch vpf{};
+    const RowPrefetch* vpf_p = nullptr;
+    if (P.prefetch) {
+      const int64_t r0 = std::min(bh * Lk + c0 + 3 * CW, rows_all);
+      vpf = RowPrefetch{reinterpret_cast<const char*>(v_all + r0 * Dv),
+                        int64_t(Dv * sizeof(T)), rows_all - r0};
+      vpf_p = &vpf;
+    }
+
+#if FS_VEC_BYTES == 64
+    if constexpr (std::is_same<A, float>::value) {
+      if (q8) {
+        // as the query lanes below, in blocks of 8 lanes: scores (then p) of block b8 at
+        // st + b8 * 8 * CW, [key][8 queries]; the single's at ss, [key]
+        A* ss = st + nb8 * 8 * CW;
+        for (int64_t b8 = 0; b8 < nb8; ++b8) {
+          A* stq = st + b8 * 8 * CW;
+          const A* qtb = qt + b8 * Dk * 8;
+          Vec8f mx = Vec8f{} + ninf;  // scores are never -inf (s + 0 * s)
+          int j = 0;
+          for (; j + 8 <= nv; j += 8) {
+            if (b8 == 0 && P.prefetch)  // K rows three chunks ahead, a key group's share
+              prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+                            rows_all, Dk);
+            mx = score_q8<8>(qtb, ksrc, koff + j, Dk, scale, stq + j * 8, mx);
+          }
+          for (; j + 4 <= nv; j += 4)
+            mx = score_q8<4>(qtb, ksrc, koff + j, Dk, scale, stq + j * 8, mx);
+          for (; j < nv; ++j) mx = score_q8<1>(qtb, ksrc, koff + j, Dk, scale, stq + j * 8, mx);
+          const Vec8f mold = vload8(mb + b8 * 8);
+          const Vec8f mnew = vmax8_nan(mold, mx);
+          const Vec8f al = vexp2_8((mold - mnew) * log2e);  // 0 while mold is -inf
+          vstore8(alpha + b8 * 8, al);
+          Vec8f ls0 = Vec8f{}, ls1 = Vec8f{};
+          for (j = 0; j + 2 <= nv; j += 2) {
+            const Vec8f p0 = vexp2_8((vload8(stq + j * 8) - mnew) * log2e);
+            const Vec8f p1 = vexp2_8((vload8(stq + (j + 1) * 8) - mnew) * log2e);
+            vstore8(stq + j * 8, p0);
+            vstore8(stq + (j + 1) * 8, p1);
+            ls0 += p0;
+            ls1 += p1;
+          }
+          if (j < nv) {
+            const Vec8f p0 = vexp2_8((vload8(stq + j * 8) - mnew) * log2e);
+            vstore8(stq + j * 8, p0);
+            ls0 += p0;
+          }
+          const Vec8f ls = ls0 + ls1;
+          vstore8(mb + b8 * 8, ls != ls ? ls : mnew);  // as the query lanes below
+          vstore8(lv + b8 * 8, vload8(lv + b8 * 8) * al + ls);
+        }
+        {  // the single, as one query of the key lanes' softmax below
+          const int64_t i = 8 * nb8;
+          for (int j = 0; j < nv; j += 8)  // koff past nv: an attended row (scores unused)
+            dot_scores8(qt + nb8 * Dk * 8, ksrc, koff + j, Dk, scale, ss + j);
+          for (int c = nv; c < nkv * W; ++c) ss[c] = ninf;
+          V mx = vload(ss);
+          for (int t = 1; t < nkv; ++t) mx = vmax<A>(mx, vload(ss + t * W));
+          const A mold = mb[i], mnew = max_nan(mold, hmax<A>(mx));
+          const V mv = vset(mnew);
+          V lsum = V{};
+          for (int t = 0; t < nkv; ++t) {
+            const V p = vexp2((vload(ss + t * W) - mv) * log2e);
+            vstore(ss + t * W, p);
+            lsum += p;
+          }
+          const A al = vexp2(vset((mold - mnew) * log2e))[0];  // 0 while mold is -inf
+          alpha[i] = al;
+          mb[i] = mnew;
+          lv[i] = lv[i] * al + hsum<A>(lsum);
+        }
+        // P x V: each block's 8 queries (p at stq[8 * j + i]), the last with the single
+        for (int64_t b8 = 0; b8 < nb8; ++b8) {
+          const bool last = b8 == nb8 - 1;
+          A* otq = ot + b8 * 8 * ostride;
+          const A* ptq = st + b8 * 8 * CW;
+          const A* ps = last ? ss : nullptr;
+          const int qg = last ? 9 : 8;
+          const RowPrefetch* pf = b8 == 0 ? vpf_p : nullptr;
+          if (vdirect)
+            pv_block<A, T>(otq, ostride, alpha + b8 * 8, ptq, 1, 8, nv, vrows_t, voff, nd,
+                           narrow, qg, ps, pf);
+          else
+            pv_block<A, A>(otq, ostride, alpha + b8 * 8, ptq, 1, 8, nv, vrows, voff, nd,
+                           narrow, qg, ps, pf);
+        }
+        continue;
+      }
+    }
+#endif
 
     if (qlanes) {
       for (int64_t qb = 0; qb < nqb; ++qb) {
@@ -1022,11 +1224,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         };
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
-          if (qb == 0 && P.prefetch) {  // rows three chunks ahead, a key group's share
-            const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
-            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
-          }
+          if (qb == 0 && P.prefetch)  // K rows three chunks ahead, a key group's share
+            prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+                          rows_all, Dk);
           mx = score(std::integral_constant<int, 8>{}, j, mx);
         }
         for (; j + 4 <= nv; j += 4) mx = score(std::integral_constant<int, 4>{}, j, mx);
@@ -1063,10 +1263,13 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           A* otq = ot + (r0 + qa) * ostride;
           const A* ptq = stq + qa;
           const A* alq = alpha + r0 + qa;
+          const RowPrefetch* pf = qb == 0 && qa == 0 ? vpf_p : nullptr;
           if (vdirect)
-            pv_block<A, T>(otq, ostride, alq, ptq, 1, W, nv, vrows_t, voff, nd, narrow, qg);
+            pv_block<A, T>(otq, ostride, alq, ptq, 1, W, nv, vrows_t, voff, nd, narrow, qg,
+                           nullptr, pf);
           else
-            pv_block<A, A>(otq, ostride, alq, ptq, 1, W, nv, vrows, voff, nd, narrow, qg);
+            pv_block<A, A>(otq, ostride, alq, ptq, 1, W, nv, vrows, voff, nd, narrow, qg,
+                           nullptr, pf);
         }
       }
       continue;
@@ -1077,12 +1280,10 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 #if FS_VEC_BYTES == 64
       if constexpr (std::is_same<A, float>::value)
         for (int j = 0; j < nv; j += 8) {  // koff past nv: an attended row (scores unused)
-          // the K and V rows three chunks ahead, a key group's share at a time
-          if (P.prefetch) {
-            const int64_t r = bh * Lk + c0 + 3 * CW + j * kc / nv;
-            prefetch_rows(k_all, r, 8 * kc / nv + 1, rows_all, Dk);
-            prefetch_rows(v_all, r, 8 * kc / nv + 1, rows_all, Dv);
-          }
+          // the K rows three chunks ahead, a key group's share at a time
+          if (P.prefetch)
+            prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+                          rows_all, Dk);
           for (int64_t i = 0; i < R; ++i)
             dot_scores8(qt + i * Dk8, ksrc, koff + j, Dk, scale, st + i * CW + j);
         }
@@ -1129,21 +1330,23 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       vstore(lv + i * W, vload(lv + i * W) * alpha[i] + lsum);
     }
 
-    // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above
-    // No software prefetch of V here: the chunk's ~144 line requests at once stalled on the
+    // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above.
+    // The V rows three chunks ahead are prefetched here one row per key (RowPrefetch); once
+    // all of a chunk's ~144 lines were asked for at once before P x V, which stalled on the
     // line fill buffers (Sapphire Rapids, perf: ~30% of the B = 1 cycles on the instruction
-    // after them); without them B = 1 Lk = 729 Lq = 2 went from ~0.145 to ~0.126 ms, B = 16
-    // Lq = 2 from ~2.5 to ~2.3 ms (2 threads, 3 rounds). V is prefetched during the
-    // transposition above instead, a few rows per step.
+    // after them).
     const int64_t pg = group_len(R, kPvQ);
     for (int64_t qa = 0; qa < R; qa += pg) {
       const int qg = int(std::min<int64_t>(pg, R - qa));
       A* otq = ot + qa * ostride;
       const A* ptq = st + qa * CW;
+      const RowPrefetch* pf = qa == 0 ? vpf_p : nullptr;
       if (vdirect)
-        pv_block<A, T>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows_t, voff, nd, narrow, qg);
+        pv_block<A, T>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows_t, voff, nd, narrow, qg,
+                       nullptr, pf);
       else
-        pv_block<A, A>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff, nd, narrow, qg);
+        pv_block<A, A>(otq, ostride, alpha + qa, ptq, CW, 1, nv, vrows, voff, nd, narrow, qg,
+                       nullptr, pf);
     }
   }
 
