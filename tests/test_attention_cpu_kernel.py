@@ -111,15 +111,33 @@ def test_value_widths_around_the_tail(Dv, Lq, dtype):
     check_attention(out, (dq, dk, dv), q, k, v, mask, grad, 0.3, lse=lse)
 
 
+@pytest.mark.parametrize("Lk", [150, 300])
 @pytest.mark.parametrize("Dk", [7, 13, 18])
 @pytest.mark.parametrize("Lq", list(range(1, 17)))
-def test_every_layout_choice(Lq, Dk):
+def test_every_layout_choice(Lq, Dk, Lk):
     """Every query count up to 16: which of them run in key lanes and which in query lanes
-    depends on the ISA (on AVX2 key lanes unless the query blocks are 7/8 full), and the key
-    lanes' score tiles on the query count (1 x 8, 2 x 4, 3 x 3, 4 x 2 key vectors on AVX2);
-    Dk = 7, 13, 18 end the in-register K transposition with a 3-, 1- and 2-dim block. Lk = 150
-    with a mask: full and partial key chunks, masked rows poisoned."""
-    q, k, v, mask = _inputs(2, 2, Lq, 150, Dk, 36, torch.float32, True)
+    depends on the ISA (on AVX2 key lanes unless the query blocks are 7/8 full; on AVX-512
+    Lq = 9 in 8 + 1 lanes), and the key lanes' score tiles on the query count (1 x 8, 2 x 4,
+    3 x 3, 4 x 2 key vectors on AVX2); Dk = 7, 13, 18 end the in-register K transposition with
+    a 3-, 1- and 2-dim block. Lk = 150 and 300 with a mask: full and partial key chunks (64
+    keys on AVX2, 256 on AVX-512), masked rows poisoned."""
+    q, k, v, mask = _inputs(2, 2, Lq, Lk, Dk, 36, torch.float32, True)
+    kp, vp = _poison(k, v, mask)
+    grad = torch.randn(2, 2, Lq, 36)
+    out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)
+    dq, dk, dv = fused_cpu.attn_bwd(grad, q, kp, vp, mask, 0.3, out, lse)
+    check_attention(out, (dq, dk, dv), q, k, v, mask, grad, 0.3, lse=lse)
+
+
+@pytest.mark.parametrize("Lk", [255, 256, 257, 513, 767])
+@pytest.mark.parametrize("Lq", [1, 2, 9, 25])
+def test_key_chunk_boundaries(Lq, Lk):
+    """Key counts at the AVX-512 forward's 256-key chunk edges (and 64-key ones elsewhere),
+    every key of a chunk masked in one batch row (a chunk with nothing attended is skipped),
+    against the float64 reference."""
+    q, k, v, mask = _inputs(2, 2, Lq, Lk, 18, 36, torch.float32, True)
+    mask[0, 256:512] = False
+    mask[0, 0] = True  # the row keeps an attended key
     kp, vp = _poison(k, v, mask)
     grad = torch.randn(2, 2, Lq, 36)
     out, lse = fused_cpu.attn_fwd(q, kp, vp, mask, 0.3)

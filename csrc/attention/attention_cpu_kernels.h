@@ -310,13 +310,28 @@ static inline int gather_keys(const bool* mrow, int64_t c0, int64_t kc, int32_t*
 // query-lane kernel at Lq = 1 and 2, ~4% at Lq = 9 and 17 (where the old layout was already
 // dense in the score GEMM). On AVX-512 (fp32 accumulation, not the bf16 dot path) a unit of
 // 8k + 1 such queries (Lq = 9) takes blocks of 8 queries in 256-bit lanes and its last query
-// by dot products (score_q8). K and V rows three chunks ahead are prefetched when the call's
+// by dot products (score_q8). K and V rows kPrefetchKeys ahead are prefetched when the call's
 // K and V exceed the cache (P.prefetch): K during the scores, V during P x V (RowPrefetch).
 // ---------------------------------------------------------------------------------------------
 
-// key vectors per chunk: 64 keys for fp32 on AVX-512 and AVX2 (on AVX2 the per-chunk work,
-// a horizontal max per query and the rescale, had cost ~10% at Lq = 9 with 32-key chunks)
+// key vectors per chunk of the baseline and AVX2 (64 keys on AVX2: its per-chunk work, a
+// horizontal max per query and the rescale, had cost ~10% at Lq = 9 with 32-key chunks), and
+// per score tile of the baseline and AVX-512
 static constexpr int kKeyVecs = FS_VEC_BYTES == 32 ? 8 : 4;
+// keys per chunk. AVX-512: 256, whose per-chunk work (rescale, max, the P x V tiles'
+// accumulators loaded and stored, the single query's softmax) 64-key chunks had repeated four
+// times as often. Measured in one process (kernel op, fp32, H = 32, Lk = 729, 2 threads, 12-16
+// interleaved rounds, time ratio 256 / 64 keys): B = 1 Lq = 9 0.908-0.913 (1 thread 0.911),
+// Lq = 1 0.909, Lq = 2 0.883, Lq = 17 0.953; B = 16 Lq = 9 0.91-0.96, B = 4 Lk = 3645 0.96-0.97;
+// B = 16 Lq = 1 (memory-bound) 0.96-1.04. 128 keys gained about half of that, 512 no more. The
+// AVX2 kernels (measured forced on the same Zen 4) stay at 64: B = 1 0.92-0.98 with 256, but
+// B = 16 Lq = 1 1.06-1.10.
+static constexpr int64_t kChunkKeys =
+    FS_VEC_BYTES == 64 ? 256 : int64_t(kKeyVecs) * (FS_VEC_BYTES / 4);
+// How far ahead of the key a stage works on its prefetches go (P.prefetch), in keys: 192, as
+// three 64-key chunks were; with 256-key chunks, three chunks ahead (768 keys) ran B = 16
+// Lq = 1 1.03-1.10x slower.
+static constexpr int64_t kPrefetchKeys = 3 * int64_t(kKeyVecs) * (FS_VEC_BYTES / 4);
 static constexpr int kScoreQ = 4;  // queries per score tile
 // key vectors per score tile of QG queries: QG x that many accumulators, which must leave
 // registers for the tile's K vectors and the broadcast q (AVX2 has 16: 4 x 4 spilled)
@@ -572,7 +587,7 @@ static inline Vec4f load4_n(const float*, int) { return 0.0f; }
 #endif
 
 // Rows to prefetch in software while P x V runs over a chunk's keys: the row of key index j
-// (the same index three chunks ahead) with key j, so the lines are asked for evenly over the
+// (the same index kPrefetchKeys ahead) with key j, so the lines are asked for evenly over the
 // chunk's longest stage rather than in bursts (see "Prefetch" in fwd_unit_t). Row j's lines
 // are those starting inside it (the line holding row 0's start as well), each asked for once.
 struct RowPrefetch {
@@ -919,7 +934,7 @@ static inline void prefetch_rows(const T* base, int64_t r0, int64_t n, int64_t r
 template <typename T, typename A>
 static void fwd_unit_t(const FwdParams& P, int64_t u) {
   constexpr int W = lanes<A>();
-  constexpr int64_t CW = int64_t(kKeyVecs) * W;  // keys per chunk
+  constexpr int64_t CW = kChunkKeys;
   typedef Vec<A> V;
   const Shape& s = P.s;
   const int64_t sp = u % s.nsplit;
@@ -1077,14 +1092,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes && !dots) {
-      // the K rows three chunks ahead, a key vector's share per step of the transposition
+      // the K rows kPrefetchKeys ahead, a key vector's share per step of the transposition
       // (the V rows: during P x V, see "Prefetch" above). Until 2026-12-06 GCC deleted these
       // calls (see prefetch_rows); issued, they took B = 16 Lq = 1 from ~5.4 to ~3.1 ms on
       // AMD Zen 3 (AVX2, 2 threads, 4 interleaved rounds; B = 1 unchanged).
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         if (!P.prefetch) return;
-        prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + t * pf, pf, rows_all, Dk);
+        prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + t * pf, pf, rows_all, Dk);
       });
     }
     if (kSame && v_overlap) {
@@ -1105,8 +1120,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         vrows[c] = dst;
       }
     }
-    // Prefetch (P.prefetch: K and V too large to stay in cache): the K rows three chunks ahead
-    // during the scores, a key group's share at a time, and the V rows three chunks ahead
+    // Prefetch (P.prefetch: K and V too large to stay in cache): the K rows kPrefetchKeys ahead
+    // during the scores, a key group's share at a time, and the V rows kPrefetchKeys ahead
     // during P x V, one row per key (RowPrefetch), so that each stage asks for what it can
     // spread over its own work. Both during the scores, the V share had bunched up there (at
     // 256-bit query lanes, whose score loop is half as long, B = 16 ran 3-12% slower).
@@ -1117,7 +1132,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     RowPrefetch vpf{};
     const RowPrefetch* vpf_p = nullptr;
     if (P.prefetch) {
-      const int64_t r0 = std::min(bh * Lk + c0 + 3 * CW, rows_all);
+      const int64_t r0 = std::min(bh * Lk + c0 + kPrefetchKeys, rows_all);
       vpf = RowPrefetch{reinterpret_cast<const char*>(v_all + r0 * Dv),
                         int64_t(Dv * sizeof(T)), rows_all - r0};
       vpf_p = &vpf;
@@ -1135,8 +1150,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           Vec8f mx = Vec8f{} + ninf;  // scores are never -inf (s + 0 * s)
           int j = 0;
           for (; j + 8 <= nv; j += 8) {
-            if (b8 == 0 && P.prefetch)  // K rows three chunks ahead, a key group's share
-              prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+            if (b8 == 0 && P.prefetch)  // K rows kPrefetchKeys ahead, a key group's share
+              prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
                             rows_all, Dk);
             mx = score_q8<8>(qtb, ksrc, koff + j, Dk, scale, stq + j * 8, mx);
           }
@@ -1224,8 +1239,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         };
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
-          if (qb == 0 && P.prefetch)  // K rows three chunks ahead, a key group's share
-            prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+          if (qb == 0 && P.prefetch)  // K rows kPrefetchKeys ahead, a key group's share
+            prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
                           rows_all, Dk);
           mx = score(std::integral_constant<int, 8>{}, j, mx);
         }
@@ -1280,9 +1295,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 #if FS_VEC_BYTES == 64
       if constexpr (std::is_same<A, float>::value)
         for (int j = 0; j < nv; j += 8) {  // koff past nv: an attended row (scores unused)
-          // the K rows three chunks ahead, a key group's share at a time
+          // the K rows kPrefetchKeys ahead, a key group's share at a time
           if (P.prefetch)
-            prefetch_rows(k_all, bh * Lk + c0 + 3 * CW + j * kc / nv, 8 * kc / nv + 1,
+            prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
                           rows_all, Dk);
           for (int64_t i = 0; i < R; ++i)
             dot_scores8(qt + i * Dk8, ksrc, koff + j, Dk, scale, st + i * CW + j);
@@ -1331,7 +1346,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
     }
 
     // P x V: value vectors three at a time for groups of up to kPv3Q queries, two above.
-    // The V rows three chunks ahead are prefetched here one row per key (RowPrefetch); once
+    // The V rows kPrefetchKeys ahead are prefetched here one row per key (RowPrefetch); once
     // all of a chunk's ~144 lines were asked for at once before P x V, which stalled on the
     // line fill buffers (Sapphire Rapids, perf: ~30% of the B = 1 cycles on the instruction
     // after them).
