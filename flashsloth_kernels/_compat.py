@@ -37,19 +37,32 @@ def _lookup(path: str) -> Optional[Callable]:
     return obj if callable(obj) else None
 
 
+_OBSERVER_PROBES = ("_C._len_torch_dispatch_stack", "_C._is_torch_function_mode_enabled",
+                    "_C._are_functorch_transforms_active")
+
+
+@functools.lru_cache(maxsize=None)
+def _observer_probes() -> Optional[tuple]:
+    fns = tuple(_lookup(path) for path in _OBSERVER_PROBES)
+    return None if any(f is None for f in fns) else fns
+
+
 def nothing_observes(*tensors: torch.Tensor) -> bool:
     """True when no dispatch mode, torch-function mode, functorch transform or tensor subclass
     could observe a call on ``tensors``: the eager bypass of a custom op (calling its host
     function directly) is then indistinguishable from the op. False whenever that cannot be
     established (a private API is missing), so the caller goes through the public op."""
-    if any(type(t) is not torch.Tensor for t in tensors):
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
+    probes = None if FORCE_FALLBACK else _observer_probes()  # looked up once
+    if probes is None:
         return False
-    stack_len = _private("_C._len_torch_dispatch_stack")
-    fn_mode = _private("_C._is_torch_function_mode_enabled")
-    transforms = _private("_C._are_functorch_transforms_active")
-    if stack_len is None or fn_mode is None or transforms is None:
-        return False
+    stack_len, fn_mode, transforms = probes
     return stack_len() == 0 and not fn_mode() and not transforms()
+
+
+_is_tracing = getattr(torch._C, "_is_tracing", None)
 
 
 def plain_eager(device_type: str, *tensors: torch.Tensor) -> bool:
@@ -65,7 +78,8 @@ def plain_eager(device_type: str, *tensors: torch.Tensor) -> bool:
         return False
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return False
-    return not torch.jit.is_tracing()
+    # torch.jit.is_tracing() without its Python wrapper (~0.15 us a call) when present
+    return not (_is_tracing() if _is_tracing is not None else torch.jit.is_tracing())
 
 
 def functorch_transform(*kinds: str) -> Optional[str]:

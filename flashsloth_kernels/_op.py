@@ -331,7 +331,10 @@ class FusedOp:
         runs between calls (as in the benchmark's interleaved rounds)."""
         if torch.compiler.is_compiling() or not _compat.plain_eager(device.type, *tensors):
             return None
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        needs_grad = False
+        if torch.is_grad_enabled():
+            for t in tensors:
+                needs_grad = needs_grad or t.requires_grad
         # the dispatcher's cached resolution (not compiling: checked above), the requested
         # name validated there as in resolve(); facts in resolve()'s order: one cache key
         name = self.dispatcher._select(args[-1], device, dtype,
