@@ -5,18 +5,20 @@ as the CPU kernels of ``torch.ops.flashsloth.query_patch_attention_fwd`` / ``_bw
 ``flashsloth_kernels.attention._C`` is imported.
 
 Design (EmbQ: 9 queries x 32 heads against 729 keys, head dims 18 / 36): one parallel task per
-(b, h), plus a key split with a merge when B * H is small. Keys stream in chunks of one vector
-of keys per lane group with an online softmax (exp2 polynomial, fp32; masked keys are skipped,
-never read). When the queries fill enough of their vectors (more than half on AVX-512: Lq = 9;
-at least 7 / 8 on AVX2: Lq = 7, 8, 14-16) the scores and the softmax keep the queries in the
-lanes (K rows read in place, 8 keys per group so that 8 FMA chains are in flight) and P x V
-keeps the value dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise
-(Lq = 1, 2; Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers; a single
-query on AVX-512 takes dot products over head dims instead, K rows read in place). When the
-call's K and V exceed a quarter of the last-level cache (:func:`prefetch_min_bytes`), the rows
-three chunks ahead are prefetched in software while a chunk is worked on: at B = 16 that took
-the forward from ~45-50% to ~60% of the read bandwidth; below it (B = 1: K and V likely still
-in cache) the prefetches only cost (B = 1 Lq = 1 ~20% slower with them on AMD Zen 4). The
+(b, h), plus a key split with a merge when B * H is small, handed to the threads dynamically
+(csrc/common/cpu_parallel.h). Keys stream in chunks (256 keys on AVX-512, 64 on AVX2) with an
+online softmax (exp2 polynomial, fp32; masked keys are skipped, never read). When the queries
+fill enough of their vectors (more than half on AVX-512: Lq = 9; at least 7 / 8 on AVX2: Lq =
+7, 8, 14-16) the scores and the softmax keep the queries in the lanes (K rows read in place,
+8 keys per group so that 8 FMA chains are in flight; on AVX-512 a unit of 8k + 1 queries as
+blocks of 8 in 256-bit lanes and its last query by dot products) and P x V keeps the value
+dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise (Lq = 1, 2;
+Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers; a single query on AVX-512
+takes dot products over head dims instead, K rows read in place). When the call's K and V
+exceed a quarter of the last-level cache (:func:`prefetch_min_bytes`), rows 192 keys ahead are
+prefetched in software: K during the scores, V during P x V, one row per key: at B = 16 that
+took the forward to ~65-70% of the read bandwidth on AMD Zen 4; below it (B = 1: K and V likely
+still in cache) the prefetches only cost (B = 1 Lq = 1 ~20% slower with them on Zen 4). The
 kernels are compiled for AVX-512 (twice: with AVX512-BF16, whose vdpbf16ps computes the bf16
 forward's query-lane scores straight from the bf16 K rows, ~13% faster at B = 16 on AMD Zen 4,
 and without), AVX2 and the baseline instruction set and picked at first use
