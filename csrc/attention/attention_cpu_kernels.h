@@ -577,6 +577,17 @@ static inline Vec4f load4_n(const float* p, int n) {
 static inline Vec4f low4(Vec<float> v) {
   return (Vec4f)_mm512_castps512_ps128((__m512)v);
 }
+typedef float Vec8f __attribute__((vector_size(32)));
+static inline Vec8f vload8(const float* p) {
+  Vec8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void vstore8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
+// lane g of four 8-lane vectors, as one 4-lane vector
+static inline Vec4f lane4(const Vec8f* a, int g) {
+  return Vec4f{a[0][g], a[1][g], a[2][g], a[3][g]};
+}
 #else
 static constexpr bool kNarrowTail = false;
 typedef float Vec4f;  // never used as a vector below AVX-512
@@ -584,6 +595,10 @@ template <typename S> static inline Vec4f vload4_as(const S*) { return 0.0f; }
 static inline Vec4f low4(Vec<float>) { return 0.0f; }
 static inline void store4_n(float*, Vec4f, int) {}
 static inline Vec4f load4_n(const float*, int) { return 0.0f; }
+typedef float Vec8f;  // as Vec4f
+static inline Vec8f vload8(const float* p) { return *p; }
+static inline void vstore8(float* p, Vec8f v) { *p = v; }
+static inline Vec4f lane4(const Vec8f*, int) { return 0.0f; }
 #endif
 
 // Rows to prefetch in software while P x V runs over a chunk's keys: the row of key index j
@@ -612,15 +627,31 @@ __attribute__((always_inline)) static inline void prefetch_row(const RowPrefetch
 // pf (or nullptr): rows to prefetch, one per key (RowPrefetch).
 // A small tile (QG * DT < 8 accumulators) would wait on the FMA latency: it keeps KU partial
 // sums over interleaved keys instead, added up in a fixed order at the end.
-template <typename A, typename S, int QG, int DT, int NT, bool S1 = false>
+template <typename A, typename S, int QG, int DT, int NT, bool S1 = false, bool LT = false>
 static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, int64_t cw,
                            int64_t js, int nv, const S* const* vrows, const int64_t* voff,
                            const A* ps, const RowPrefetch* pf) {
   constexpr int W = lanes<A>();
   constexpr int KU = QG * (DT + NT) >= 8 ? 1 : QG * (DT + NT) >= 4 ? 2 : 4;
   static_assert(NT == 0 || (kNarrowTail && std::is_same<A, float>::value), "narrow tail");
+  // LT (query lanes, cw = 1: the p of key j's queries at pt + j * js, contiguous): the narrow
+  // tails of the first 8 queries with the queries in the lanes, 4 256-bit FMAs a key, one per
+  // tail dim with V's element broadcast, instead of 8 128-bit FMAs. On Zen 4 a 128-bit FMA
+  // takes a whole FMA-pipe slot, as a 256-bit one does: at Lq = 9, Dv = 36 (S1) 41 slots a key
+  // instead of 45 (the floor: 40.5). The sums are the same FMAs in the same order, so results
+  // are bit-identical.
+  // Measured in one process (kernel op, fp32, H = 32, Lk = 729, Dv = 36, Zen 4, 16-20
+  // interleaved rounds, time ratio to 128-bit tails): Lq = 9 (S1) B = 1 0.964-0.98 (1 and 2
+  // threads), B = 16 0.967, B = 4 Lk = 3645 1.005 (memory-bound); 8-query groups (2 threads,
+  // B = 1) Lq = 16 0.935, Lq = 17 0.954, Lq = 24 0.951, B = 16 Lq = 17 0.972. (All 36 dims
+  // with the queries in the lanes, q8-value-lanes in docs/measurements/cpu-2026-12-07d-zen4,
+  // had been 1.5x slower.)
+  constexpr bool kLaneTail = LT && QG >= 8 && NT > 0 && std::is_same<S, float>::value;
+  static_assert(!kLaneTail || KU == 1, "lane tail");
   Vec<A> acc[KU][QG][DT > 0 ? DT : 1];
   Vec4f accn[KU][QG][NT > 0 ? NT : 1];
+  Vec8f acct[4];
+  for (int d = 0; d < 4; ++d) acct[d] = Vec8f{};
   for (int u = 0; u < KU; ++u)
     for (int g = 0; g < QG; ++g) {
       for (int t = 0; t < DT; ++t) acc[u][g][t] = Vec<A>{};
@@ -633,10 +664,17 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
     for (int t = 0; t < DT; ++t) vv[t] = vload_as<A>(vr + voff[t]);
     [[maybe_unused]] Vec4f vn{};
     if constexpr (NT > 0) vn = vload4_as(vr + voff[DT]);
+    if constexpr (kLaneTail) {
+      const Vec8f p8 = vload8(pt + jj * js);
+      const float* vt = reinterpret_cast<const float*>(vr) + voff[DT];
+      for (int d = 0; d < 4; ++d) acct[d] += (vt[d] - Vec8f{}) * p8;
+    }
     for (int g = 0; g < QG; ++g) {
       const Vec<A> pj = vset(S1 && g == QG - 1 ? ps[jj] : pt[g * cw + jj * js]);
       for (int t = 0; t < DT; ++t) acc[u][g][t] += pj * vv[t];
-      if constexpr (NT > 0) accn[u][g][0] += low4(pj) * vn;  // the same broadcast register
+      if constexpr (NT > 0)
+        if (!kLaneTail || g >= 8)
+          accn[u][g][0] += low4(pj) * vn;  // the same broadcast register
     }
   };
   int j = 0;
@@ -653,6 +691,8 @@ static inline void pv_tile(A* ot, int64_t ostride, const A* alpha, const A* pt, 
     if constexpr (NT > 0) {
       Vec4f x = accn[0][g][0], o;
       for (int u = 1; u < KU; ++u) x += accn[u][g][0];
+      if constexpr (kLaneTail)
+        if (g < 8) x = lane4(acct, g);
       std::memcpy(&o, og + DT * W, sizeof(o));
       o = o * alpha[g] + x;
       std::memcpy(og + DT * W, &o, sizeof(o));
@@ -669,8 +709,13 @@ static inline void pv_rows(A* ot, int64_t ostride, const A* alpha, const A* pt, 
 #if FS_VEC_BYTES == 64
   if constexpr (std::is_same<A, float>::value)
     if (ps != nullptr)
-      return pv_tile<A, S, kPvQ, DT, NT, true>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff,
-                                               ps, pf);
+      return pv_tile<A, S, kPvQ, DT, NT, true, true>(ot, ostride, alpha, pt, cw, js, nv, vrows,
+                                                     voff, ps, pf);
+  // query lanes (cw = 1), 8-query groups (Lq = 16, 24, ...): see pv_tile's LT
+  if constexpr (NT > 0 && std::is_same<S, float>::value)
+    if (cw == 1 && qg == 8)
+      return pv_tile<A, S, 8, DT, NT, false, true>(ot, ostride, alpha, pt, cw, js, nv, vrows,
+                                                   voff, nullptr, pf);
 #endif
 #define FS_PV_TILE(QG) \
   pv_tile<A, S, QG, DT, NT>(ot, ostride, alpha, pt, cw, js, nv, vrows, voff, nullptr, pf)
@@ -825,13 +870,6 @@ static inline bool bf16_dot_ok(const c10::BFloat16* q, int64_t n) {
 // 0.916-0.943; with the V prefetch spread over P x V (see fwd_unit_t) B = 16 0.90-1.01,
 // B = 4 Lk = 3645 0.88-0.92 (prefetched as before, B >= 4 was 1.03-1.12: the shorter score
 // loop bunched its prefetches).
-typedef float Vec8f __attribute__((vector_size(32)));
-static inline Vec8f vload8(const float* p) {
-  Vec8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-static inline void vstore8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
 static inline Vec8f vmax8(Vec8f a, Vec8f b) { return a > b ? a : b; }
 static inline Vec8f vmax8_nan(Vec8f a, Vec8f b) { return ((a > b) | (a != a)) ? a : b; }
 // vexp2 on 8 lanes: the same function, by the AVX-512VL forms of its instructions
