@@ -12,7 +12,9 @@ fill enough of their vectors (more than half on AVX-512: Lq = 9; at least 7 / 8 
 7, 8, 14-16) the scores and the softmax keep the queries in the lanes (K rows read in place,
 8 keys per group so that 8 FMA chains are in flight; on AVX-512 a unit of 8k + 1 queries as
 blocks of 8 in 256-bit lanes and its last query by dot products) and P x V keeps the value
-dims in the lanes with all 9 queries x 3 value vectors in registers; otherwise (Lq = 1, 2;
+dims in the lanes with all 9 queries x 3 value vectors in registers (the 4-dim tail of Dv = 36
+with 8 of the queries in 256-bit lanes instead: a 128-bit FMA costs a 256-bit one's pipe slot
+on Zen 4); otherwise (Lq = 1, 2;
 Lq = 9 on AVX2) the keys go in the lanes (K transposed in registers; a single query on AVX-512
 takes dot products over head dims instead, K rows read in place). When the call's K and V
 exceed a quarter of the last-level cache (:func:`prefetch_min_bytes`), rows 192 keys ahead are
