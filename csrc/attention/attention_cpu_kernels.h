@@ -1099,6 +1099,15 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
   const A log2e = A(1.4426950408889634);
   const A ninf = -std::numeric_limits<A>::infinity();
 
+  // How far ahead the K rows are prefetched (P.prefetch). 16-bit K rows converted into kb (fp16;
+  // bf16 without vdpbf16ps) are read a whole chunk at a time, at the chunk's start: their
+  // prefetch covers at least the next chunk (on AVX-512, 256 keys instead of 192: the last 64
+  // rows had been demand misses). Measured in one process (kernel op, fp16, H = 32, 2 threads,
+  // Zen 4, 12 interleaved rounds, time ratio to 192): B = 16 Lk = 729 Lq = 9 0.951 (320, 384,
+  // 512 keys: 0.953-0.956), Lq = 1 0.892, Lq = 2 0.962, Lq = 17 0.979; B = 4 Lk = 3645 Lq = 9
+  // 0.945. K read in place (fp32, bf16 by vdpbf16ps) keeps kPrefetchKeys.
+  const int64_t kpf_k =
+      (!kSame && !bf16dot) ? std::max<int64_t>(CW, kPrefetchKeys) : kPrefetchKeys;
   for (int64_t c0 = j0; c0 < j1; c0 += CW) {
     const int64_t kc = std::min(CW, j1 - c0);
     const int nv = gather_keys(mrow, c0, kc, idx);
@@ -1130,14 +1139,14 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
       for (int c = 0; c < nkv * W; ++c) koff[c] = (c < nv ? c : 0) * int32_t(Dk);
     }
     if (!qlanes && !dots) {
-      // the K rows kPrefetchKeys ahead, a key vector's share per step of the transposition
+      // the K rows kpf_k ahead, a key vector's share per step of the transposition
       // (the V rows: during P x V, see "Prefetch" above). Until 2026-12-06 GCC deleted these
       // calls (see prefetch_rows); issued, they took B = 16 Lq = 1 from ~5.4 to ~3.1 ms on
       // AMD Zen 3 (AVX2, 2 threads, 4 interleaved rounds; B = 1 unchanged).
       const int64_t pf = (CW + nkv - 1) / nkv;
       transpose_keys(ksrc, koff, Dk, nkv, kt, CW, [&](int t) {
         if (!P.prefetch) return;
-        prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + t * pf, pf, rows_all, Dk);
+        prefetch_rows(k_all, bh * Lk + c0 + kpf_k + t * pf, pf, rows_all, Dk);
       });
     }
     if (kSame && v_overlap) {
@@ -1158,7 +1167,7 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         vrows[c] = dst;
       }
     }
-    // Prefetch (P.prefetch: K and V too large to stay in cache): the K rows kPrefetchKeys ahead
+    // Prefetch (P.prefetch: K and V too large to stay in cache): the K rows kpf_k ahead
     // during the scores, a key group's share at a time, and the V rows kPrefetchKeys ahead
     // during P x V, one row per key (RowPrefetch), so that each stage asks for what it can
     // spread over its own work. Both during the scores, the V share had bunched up there (at
@@ -1188,8 +1197,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
           Vec8f mx = Vec8f{} + ninf;  // scores are never -inf (s + 0 * s)
           int j = 0;
           for (; j + 8 <= nv; j += 8) {
-            if (b8 == 0 && P.prefetch)  // K rows kPrefetchKeys ahead, a key group's share
-              prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
+            if (b8 == 0 && P.prefetch)  // K rows kpf_k ahead, a key group's share
+              prefetch_rows(k_all, bh * Lk + c0 + kpf_k + j * kc / nv, 8 * kc / nv + 1,
                             rows_all, Dk);
             mx = score_q8<8>(qtb, ksrc, koff + j, Dk, scale, stq + j * 8, mx);
           }
@@ -1277,8 +1286,8 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
         };
         int j = 0;
         for (; j + 8 <= nv; j += 8) {
-          if (qb == 0 && P.prefetch)  // K rows kPrefetchKeys ahead, a key group's share
-            prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
+          if (qb == 0 && P.prefetch)  // K rows kpf_k ahead, a key group's share
+            prefetch_rows(k_all, bh * Lk + c0 + kpf_k + j * kc / nv, 8 * kc / nv + 1,
                           rows_all, Dk);
           mx = score(std::integral_constant<int, 8>{}, j, mx);
         }
@@ -1333,9 +1342,9 @@ static void fwd_unit_t(const FwdParams& P, int64_t u) {
 #if FS_VEC_BYTES == 64
       if constexpr (std::is_same<A, float>::value)
         for (int j = 0; j < nv; j += 8) {  // koff past nv: an attended row (scores unused)
-          // the K rows kPrefetchKeys ahead, a key group's share at a time
+          // the K rows kpf_k ahead, a key group's share at a time
           if (P.prefetch)
-            prefetch_rows(k_all, bh * Lk + c0 + kPrefetchKeys + j * kc / nv, 8 * kc / nv + 1,
+            prefetch_rows(k_all, bh * Lk + c0 + kpf_k + j * kc / nv, 8 * kc / nv + 1,
                           rows_all, Dk);
           for (int64_t i = 0; i < R; ++i)
             dot_scores8(qt + i * Dk8, ksrc, koff + j, Dk, scale, st + i * CW + j);
