@@ -309,6 +309,18 @@ def test_bandwidth_bar_prefers_the_read_timed_in_the_case():
     v = {b["bar"]: b for b in bars.evaluate([row], "cpu", "float32")}[bar]
     assert v["status"] == "pass" and v["measured"] == "72%"
     assert "20.0 GB/s" in v["note"] and "45% of the run-start ceiling" in v["note"]
+    assert "compute floor" not in v["note"]  # the row has none
+
+
+def test_bandwidth_bar_says_what_it_asks_of_the_compute():
+    """The note gives the time the bar allows and its ratio to the case's compute floor: a
+    4 ms forward at 45% of the read may take 4 * 45 / 60 = 3 ms, 1.5x a 2 ms compute floor."""
+    row = _row("ops/attention", "fused", 4.0, B=16, Lk=729, Lq=9, pct_read_interleaved=45.0,
+               read_interleaved_gbps=50.0, compute_floor_ms=2.0)
+    bar = "attention fwd B=16 Lk=729: moves >= 60% of read bandwidth"
+    v = {b["bar"]: b for b in bars.evaluate([row], "cpu", "float32")}[bar]
+    assert v["status"] == "FAIL"
+    assert "allows 3 ms = 1.50x the compute floor (2 ms at the run's matmul rate)" in v["note"]
 
 
 def test_gpu_bars_per_backend_launch_and_model():
